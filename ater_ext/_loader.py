@@ -1,0 +1,25 @@
+"""Loads the compiled extension (registering torch.ops.ater_ext.*) and checks
+that this CPU can run the SIMD code it was built for."""
+import torch
+
+_SUPPORTED = {
+    "default": lambda: True,
+    "avx2": torch.cpu._is_avx2_supported,
+    "avx512": torch.cpu._is_avx512_supported,
+}
+
+try:
+    from . import _C
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "ater_ext: the compiled extension ater_ext._C is missing or was built against another torch "
+        f"(torch here: {torch.__version__}). Rebuild it with `pip install --no-build-isolation -e .` "
+        f"or `make build`. Original error: {exc}"
+    ) from exc
+
+BUILD_CPU_ISA = _C.cpu_isa()
+if not _SUPPORTED[BUILD_CPU_ISA]():  # pragma: no cover - depends on the machine
+    raise ImportError(
+        f"ater_ext: the CPU kernels were compiled for {BUILD_CPU_ISA}, which this CPU does not support; "
+        "rebuild with ATER_EXT_CPU_ISA=default (or avx2) `pip install --no-build-isolation -e .`"
+    )

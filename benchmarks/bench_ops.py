@@ -1,0 +1,385 @@
+#!/usr/bin/env python
+"""Kernel benchmark: ater_ext's fused ops against the PyTorch a user would write.
+
+For every op, shape and dtype one run times these variants side by side:
+
+    fused             the ater_ext op, allocating its output
+    fused_out         the ater_ext op writing into a preallocated ``out=`` buffer
+    two_calls         (dual_normalized_step only) two ``normalized_step`` calls
+    eager             the plain PyTorch composition (``eager_*`` below)
+    compiled          ``torch.compile(eager, dynamic=False)``, warmed up
+    copy_same_bytes   ``dst.copy_(src)`` moving as many bytes as the op (pair of fused_out)
+    clone_same_bytes  ``src.clone()`` moving as many bytes as the op (pair of fused)
+
+Every variant is checked against ``ater_ext.reference`` before anything is
+timed, and a mismatch aborts the run. Times are medians of
+``torch.utils.benchmark.Timer.blocked_autorange`` (which synchronises CUDA).
+The figures go to ``<out>/<machine>.json`` and ``<out>/<machine>.md``
+(``<machine>-quick.*`` with ``--quick``, a smoke test).
+
+    python benchmarks/bench_ops.py [--device cpu|cuda] [--quick] [--out benchmarks/results]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import logging
+import os
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.utils.benchmark as tbench
+from torch import Tensor
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ater_ext import ops, reference
+
+log = logging.getLogger("bench_ops")
+
+SHAPES = ((128, 784), (256, 3072), (1024, 3072), (4096, 3072))
+CUDA_ONLY_SHAPES = ((8192, 3072),)
+QUICK_SHAPES = SHAPES[:2]
+DTYPES = (torch.float32, torch.bfloat16)
+MIN_RUN_TIME_S = {"full": 0.3, "quick": 0.02}
+
+# Tolerances against the oracle. fp32: a few ulps of results of order 1.
+# bf16, relative to the magnitudes |x| + |out| of the sum: the fused op and the
+# compiled graph compute in fp32 and round once, as the oracle does, so they sit
+# within one bf16 ulp (2**-7 relative) of it. The eager composition also rounds
+# d, ||d||, eps * d and the quotient to bf16 (unit roundoff u = 2**-8 each):
+# 4u of the step plus u of the sum plus the oracle's own u, 6u at most.
+FP32_TOL = 1e-5
+BF16_REL_TOL = 1e-2
+BF16_EAGER_REL_TOL = 6 * 2.0**-8
+
+COMPARED = ("eager", "compiled", "two_calls")  # speedup of fused over each of these
+BANDWIDTH_VARIANTS = ("fused", "fused_out", "copy_same_bytes", "clone_same_bytes")
+
+
+# ------------------------------------------------------ what a user would write
+def _per_row(n: Tensor, like: Tensor) -> Tensor:
+    """``[B]`` -> ``[B, 1, ...]``, broadcastable against ``like``."""
+    return n.view(-1, *([1] * (like.dim() - 1)))
+
+
+def eager_fd_direction(x: Tensor, g0: Tensor, g1: Tensor, eps: float) -> Tensor:
+    """``x + eps * (g1 - g0) / ||g1 - g0||`` per row, in plain PyTorch."""
+    d = g1 - g0
+    n = d.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return x + eps * d / _per_row(n, d)
+
+
+def eager_normalized_step(x: Tensor, g: Tensor, scale: float) -> Tensor:
+    """``x + scale * g / ||g||`` per row, in plain PyTorch."""
+    n = g.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return x + scale * g / _per_row(n, g)
+
+
+def eager_dual_normalized_step(x: Tensor, g: Tensor, a: float, b: float) -> Tuple[Tensor, Tensor]:
+    """``(x + a * u, x + b * u)`` with ``u = g / ||g||`` per row, in plain PyTorch."""
+    n = g.flatten(1).norm(dim=1).clamp_min(1e-12)
+    u = g / _per_row(n, g)
+    return x + a * u, x + b * u
+
+
+def two_normalized_steps(x: Tensor, g: Tensor, a: float, b: float) -> Tuple[Tensor, Tensor]:
+    """``dual_normalized_step`` without the fusion: two launches, ``g`` read twice."""
+    return ops.normalized_step(x, g, a), ops.normalized_step(x, g, b)
+
+
+# ------------------------------------------------------------------ the ops
+@dataclass(frozen=True)
+class OpSpec:
+    """One op under test: its variants and the tensor-sizes it reads and writes."""
+
+    name: str
+    n_inputs: int  # [B, D] tensors read; x is the first
+    n_outputs: int  # [B, D] tensors written
+    scales: Tuple[float, ...]  # step lengths, in units of sqrt(D)
+    fused: Callable[..., Any]
+    eager: Callable[..., Any]
+    reference: Callable[..., Any]
+    has_out: bool = True
+    extra: Tuple[Tuple[str, Callable[..., Any]], ...] = ()
+
+    @property
+    def traffic(self) -> int:
+        """Tensor-sizes moved by one call: every input read once, every output written once."""
+        return self.n_inputs + self.n_outputs
+
+
+# Step lengths of ~sqrt(D) make the step as large as x itself (u has entries of
+# ~1/sqrt(D)), so the correctness check sees the direction: a paper-sized step
+# would vanish in bf16 rounding. The value does not change the timings.
+OPS = (
+    OpSpec("fd_direction", 3, 1, (0.5,), ops.fd_direction, eager_fd_direction, reference.fd_direction),
+    OpSpec("normalized_step", 2, 1, (0.5,), ops.normalized_step, eager_normalized_step, reference.normalized_step),
+    OpSpec(
+        "dual_normalized_step", 2, 2, (0.5, 0.25), ops.dual_normalized_step, eager_dual_normalized_step,
+        reference.dual_normalized_step, has_out=False, extra=(("two_calls", two_normalized_steps),),
+    ),
+)
+
+
+# ----------------------------------------------------------------- one case
+def make_inputs(spec: OpSpec, shape: Sequence[int], dtype: torch.dtype, device: str) -> Tuple[tuple, tuple]:
+    """Random ``[B, D]`` inputs (x first) and the op's scalar arguments."""
+    tensors = tuple(torch.randn(*shape, dtype=dtype, device=device) for _ in range(spec.n_inputs))
+    root_d = float(torch.Size(shape[1:]).numel()) ** 0.5
+    return tensors, tuple(s * root_d for s in spec.scales)
+
+
+def make_variants(spec: OpSpec, tensors: tuple, scalars: tuple) -> Dict[str, Callable[[], Any]]:
+    """Zero-argument callables of every computing variant (copies excluded)."""
+    args = (*tensors, *scalars)
+    variants: Dict[str, Callable[[], Any]] = {"fused": functools.partial(spec.fused, *args)}
+    if spec.has_out:
+        buf = torch.empty_like(tensors[0])
+        variants["fused_out"] = functools.partial(spec.fused, *args, out=buf)
+    for name, fn in spec.extra:
+        variants[name] = functools.partial(fn, *args)
+    variants["eager"] = functools.partial(spec.eager, *args)
+    variants["compiled"] = functools.partial(torch.compile(spec.eager, dynamic=False), *args)
+    return variants
+
+
+def same_bytes_baselines(like: Tensor, traffic: int) -> Dict[str, Callable[[], Any]]:
+    """``copy_`` and ``clone`` of a flat tensor of ``traffic / 2`` tensor-sizes: one read
+    plus one write of it moves exactly the op's bytes."""
+    src = torch.randn(like.numel() * traffic // 2, dtype=like.dtype, device=like.device)
+    dst = torch.empty_like(src)
+    return {"copy_same_bytes": lambda: dst.copy_(src), "clone_same_bytes": src.clone}
+
+
+def assert_matches_reference(label: str, got: Any, want: Any, x: Tensor, bf16_rel_tol: float = BF16_REL_TOL) -> None:
+    """Raise AssertionError unless every output of ``got`` equals the oracle's within tolerance."""
+    got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+    assert len(got) == len(want), f"{label}: {len(got)} outputs, the reference has {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want)):
+        what = f"{label} (output {i})"
+        assert g.shape == w.shape and g.dtype == w.dtype, f"{what}: {g.shape} {g.dtype} != {w.shape} {w.dtype}"
+        if g.dtype == torch.float32:
+            torch.testing.assert_close(g, w, rtol=FP32_TOL, atol=FP32_TOL, msg=lambda m: f"{what}: {m}")
+            continue
+        g32, w32 = g.float(), w.float()
+        err = (g32 - w32).abs()
+        bound = bf16_rel_tol * (x.float().abs() + w32.abs())
+        ok = err <= bound  # False for NaN
+        assert bool(ok.all()), f"{what}: {int((~ok).sum())} elements off; worst |err| / bound = {float((err / bound).nan_to_num(float('inf')).max()):.3g}"
+
+
+def median_seconds(fn: Callable[[], Any], min_run_time: float) -> float:
+    """Median seconds per call of ``fn`` over ``blocked_autorange`` blocks, at the process's thread count."""
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def summarise(spec: OpSpec, shape: Sequence[int], dtype: torch.dtype, nbytes: int, times: Dict[str, float]) -> dict:
+    """One row of the results table: medians, speedups of fused, bandwidths and their ratios."""
+    gbps = {k: nbytes / times[k] / 1e9 for k in BANDWIDTH_VARIANTS if k in times}
+    ratio = lambda a, b: gbps[a] / gbps[b] if a in gbps and b in gbps else None  # noqa: E731
+    return {
+        "op": spec.name,
+        "shape": list(shape),
+        "dtype": dtype_name(dtype),
+        "tensor_sizes_moved": spec.traffic,
+        "bytes": nbytes,
+        "median_s": times,
+        "speedup_of_fused": {k: times[k] / times["fused"] for k in COMPARED if k in times},
+        "gbps": gbps,
+        "fused_out_vs_copy": ratio("fused_out", "copy_same_bytes"),
+        "fused_vs_clone": ratio("fused", "clone_same_bytes"),
+    }
+
+
+def run_case(spec: OpSpec, shape: Sequence[int], dtype: torch.dtype, device: str, min_run_time: float) -> dict:
+    """Check every variant against the oracle, then time them all; one results row."""
+    torch.compiler.reset()  # one static graph per case; never hit dynamo's recompile limit
+    tensors, scalars = make_inputs(spec, shape, dtype, device)
+    want = spec.reference(*tensors, *scalars)
+    variants = make_variants(spec, tensors, scalars)
+    label = f"{spec.name} {list(shape)} {dtype_name(dtype)}"
+    for name, fn in variants.items():  # the first call also compiles / warms up
+        tol = BF16_EAGER_REL_TOL if name == "eager" else BF16_REL_TOL
+        assert_matches_reference(f"{label} {name}", fn(), want, tensors[0], tol)
+    variants.update(same_bytes_baselines(tensors[0], spec.traffic))
+    times = {name: median_seconds(fn, min_run_time) for name, fn in variants.items()}
+    nbytes = spec.traffic * tensors[0].numel() * tensors[0].element_size()
+    return summarise(spec, shape, dtype, nbytes, times)
+
+
+# ------------------------------------------------------------------ targets
+@dataclass(frozen=True)
+class Target:
+    """A goal on one results row: ``metric(row) >= threshold``."""
+
+    device: str
+    op: str
+    shape: Tuple[int, ...]
+    dtype: str
+    metric: str  # key of METRICS
+    threshold: float
+
+
+METRICS: Dict[str, Tuple[str, Callable[[dict], Optional[float]]]] = {
+    "vs_eager": ("fused speedup over eager", lambda r: r["speedup_of_fused"]["eager"]),
+    "vs_compiled": ("fused speedup over compiled", lambda r: r["speedup_of_fused"]["compiled"]),
+    "out_vs_copy": ("fused_out bandwidth / copy bandwidth", lambda r: r["fused_out_vs_copy"]),
+}
+
+TARGETS = (
+    Target("cpu", "fd_direction", (256, 3072), "float32", "vs_eager", 4.0),
+    Target("cpu", "fd_direction", (256, 3072), "float32", "vs_compiled", 1.0),
+    Target("cpu", "fd_direction", (4096, 3072), "float32", "out_vs_copy", 0.60),
+    Target("cuda", "fd_direction", (8192, 3072), "float32", "out_vs_copy", 0.85),
+    Target("cuda", "fd_direction", (8192, 3072), "bfloat16", "out_vs_copy", 0.85),
+)
+
+
+def evaluate_targets(rows: List[dict], device: str) -> List[dict]:
+    """PASS / FAIL (or NOT MEASURED) of every target of ``device``, from the measured rows."""
+    verdicts = []
+    for t in (t for t in TARGETS if t.device == device):
+        row = next((r for r in rows if (r["op"], tuple(r["shape"]), r["dtype"]) == (t.op, t.shape, t.dtype)), None)
+        description, metric = METRICS[t.metric]
+        value = metric(row) if row is not None else None
+        status = "NOT MEASURED" if value is None else ("PASS" if value >= t.threshold else "FAIL")
+        verdicts.append({"op": t.op, "shape": list(t.shape), "dtype": t.dtype, "metric": description,
+                         "threshold": t.threshold, "value": value, "status": status})
+    return verdicts
+
+
+# ------------------------------------------------------------------- report
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def machine_info(device: str) -> Tuple[str, str]:
+    """(slug for file names, human-readable name) of the machine that runs ``device``."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), platform.processor() or "cpu")
+        name = f"{model} ({os.cpu_count()} cores)"
+        model = f"{model}-{os.cpu_count()}c"
+    slug = re.sub(r"[^a-z0-9]+", "-", (name if device == "cuda" else model).lower()).strip("-")
+    return slug, name
+
+
+def _us(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "—"
+    us = seconds * 1e6
+    return f"{us:.0f}" if us >= 100 else f"{us:.1f}"
+
+
+def _num(value: Optional[float], fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def markdown_table(rows: List[dict]) -> str:
+    """One table of medians, speedups, bandwidths and ratios; columns are the variants present."""
+    variants = [v for v in ("fused", "fused_out", "two_calls", "eager", "compiled", "copy_same_bytes",
+                            "clone_same_bytes") if any(v in r["median_s"] for r in rows)]
+    speedups = [k for k in COMPARED if any(k in r["speedup_of_fused"] for r in rows)]
+    header = (["shape", "dtype"] + [f"{v} µs" for v in variants] + [f"fused ×{k}" for k in speedups]
+              + [f"GB/s {v}" for v in BANDWIDTH_VARIANTS] + ["fused_out/copy", "fused/clone"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = ([str(r["shape"]), r["dtype"]] + [_us(r["median_s"].get(v)) for v in variants]
+                 + [_num(r["speedup_of_fused"].get(k), ".2f") for k in speedups]
+                 + [_num(r["gbps"].get(v), ".1f") for v in BANDWIDTH_VARIANTS]
+                 + [_num(r["fused_out_vs_copy"], ".0%"), _num(r["fused_vs_clone"], ".0%")])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict) -> str:
+    """The human-readable report: set-up, one table per op, then the targets."""
+    parts = [
+        f"# ater_ext kernel benchmark: {report['machine_name']}",
+        "",
+        f"device `{report['device']}`, torch {report['torch']}, {report['threads']} threads, {report['date']}, "
+        f"`blocked_autorange(min_run_time={report['min_run_time_s']})` medians"
+        + (" (**--quick smoke run**)" if report["quick"] else "") + ".",
+        f"Every variant matched `ater_ext.reference` before timing (fp32 rtol = atol = {FP32_TOL:g}; bf16 {BF16_REL_TOL:g}"
+        f" of |x| + |out|, {BF16_EAGER_REL_TOL:.3g} for eager, which rounds its intermediates to bf16).",
+        "GB/s = bytes read + written by the op (each input read once, each output written once) / median time;"
+        " the copies move the same bytes.",
+        "",
+        "On CPU, glibc serves allocations above its mmap threshold (at most 32 MB) with a fresh mmap that is"
+        " page-faulted on first touch and unmapped on free, on every call; at [4096, 3072] fp32 (48 MB a tensor)"
+        " that dominates any op that allocates its output. Hence two pairs: the allocating `fused` against"
+        " `clone_same_bytes`, and the preallocated `fused_out` against `copy_same_bytes`.",
+    ]
+    for op in dict.fromkeys(r["op"] for r in report["results"]):
+        rows = [r for r in report["results"] if r["op"] == op]
+        parts += ["", f"## {op} (moves {rows[0]['tensor_sizes_moved']} tensor-sizes)", "", markdown_table(rows)]
+    parts += ["", "## Targets", ""]
+    for v in report["targets"]:
+        value = "n/a" if v["value"] is None else f"{v['value']:.2f}"
+        parts.append(f"- **{v['status']}** {v['op']} {v['shape']} {v['dtype']}: {v['metric']} = {value}"
+                     f" (target >= {v['threshold']:g})")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(report: dict, out_dir: Path) -> Tuple[Path, Path]:
+    """``<slug>.json`` (everything) and ``<slug>.md`` (tables and targets) under ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = report["machine"] + ("-quick" if report["quick"] else "")
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    md_path.write_text(render_markdown(report))
+    return json_path, md_path
+
+
+# --------------------------------------------------------------------- main
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--quick", action="store_true", help="two shapes and short runs: a smoke test")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--min-run-time", type=float, default=None, help="seconds per blocked_autorange (default: %s)"
+                   % MIN_RUN_TIME_S)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_ops: --device cuda, but torch.cuda.is_available() is False")
+    min_run_time = args.min_run_time or MIN_RUN_TIME_S["quick" if args.quick else "full"]
+    shapes = QUICK_SHAPES if args.quick else SHAPES + (CUDA_ONLY_SHAPES if args.device == "cuda" else ())
+    cases = [(spec, shape, dtype) for spec in OPS for shape in shapes for dtype in DTYPES]
+    slug, name = machine_info(args.device)
+    log.info("%s: %d cases, min_run_time %.2f s, %d threads", name, len(cases), min_run_time, torch.get_num_threads())
+
+    torch.manual_seed(0)
+    rows = []
+    with logging_redirect_tqdm():
+        for spec, shape, dtype in tqdm(cases, desc="bench_ops", unit="case"):
+            rows.append(run_case(spec, shape, dtype, args.device, min_run_time))
+
+    report = {
+        "machine": slug, "machine_name": name, "device": args.device, "torch": torch.__version__,
+        "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "min_run_time_s": min_run_time, "quick": args.quick, "results": rows,
+    }
+    report["targets"] = evaluate_targets(rows, args.device)
+    json_path, md_path = write_report(report, args.out)
+    log.info("wrote %s and %s", json_path, md_path)
+    print(render_markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,572 @@
+// CUDA kernels of the ater_ext row ops (schema in csrc/ater_ext.cpp).
+//
+// Every op views its inputs as [B, D] (dim 0 = rows, D = product of the
+// trailing dims) and works row by row:
+//   * D <= kWarpRowMaxD: one warp per row, kWarpRowsPerBlock rows per block;
+//   * otherwise:         one block per row (128 / 256 / 512 threads by D).
+// Rows are visited with a grid-stride loop, so any B works with a capped grid.
+// A row group (warp or block) reads its row start to end: a reduction pass,
+// then the write pass re-reads the row while it is still in L1/L2.
+//
+// Loads and stores are 16 bytes wide (4 x fp32, 2 x fp64, 8 x fp16/bf16) when
+// every pointer is 16-byte aligned and D is a multiple of the vector width;
+// otherwise one element at a time.
+//
+// Reductions are deterministic: a fixed xor-butterfly inside each warp, then
+// (block mode) the per-warp partials are summed in warp order from shared
+// memory by every thread. No atomics. All accumulation is in
+// acc_t = at::opmath_type<scalar_t> (fp32 for fp16/bf16/fp32, fp64 for fp64),
+// and every thread of a row group ends up with the same (bitwise) result, so
+// the fast/slow path decision of the scale-safe norm is uniform.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/NumericUtils.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAMathCompat.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+
+#include "checks.h"
+#include "row_math.h"
+
+namespace ater_ext {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Launch configuration
+// ---------------------------------------------------------------------------
+
+constexpr int kWarpSize = 32;
+constexpr int64_t kWarpRowMaxD = 1024;  // D up to this: one warp per row
+constexpr int kWarpRowsPerBlock = 8;    // warp mode: 256-thread blocks
+constexpr int kMaxThreads = 512;        // largest block we launch
+constexpr int kMaxWarps = kMaxThreads / kWarpSize;
+
+// Elements per 16-byte vector.
+template <typename scalar_t>
+constexpr int kVecWidth = 16 / static_cast<int>(sizeof(scalar_t));
+
+// ---------------------------------------------------------------------------
+// Vector loads / stores
+// ---------------------------------------------------------------------------
+
+template <typename scalar_t, int kVec>
+struct alignas(sizeof(scalar_t) * kVec) AlignedVec {
+  scalar_t val[kVec];
+};
+
+// p: kVec consecutive elements, 16-byte aligned when kVec > 1.
+template <int kVec, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_acc(const scalar_t* p, acc_t (&out)[kVec]) {
+  if constexpr (kVec == 1) {
+    out[0] = static_cast<acc_t>(*p);
+  } else {
+    const AlignedVec<scalar_t, kVec> v =
+        *reinterpret_cast<const AlignedVec<scalar_t, kVec>*>(p);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) out[k] = static_cast<acc_t>(v.val[k]);
+  }
+}
+
+template <int kVec, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_cast(scalar_t* p, const acc_t (&in)[kVec]) {
+  if constexpr (kVec == 1) {
+    *p = static_cast<scalar_t>(in[0]);
+  } else {
+    AlignedVec<scalar_t, kVec> v;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) v.val[k] = static_cast<scalar_t>(in[k]);
+    *reinterpret_cast<AlignedVec<scalar_t, kVec>*>(p) = v;
+  }
+}
+
+inline bool is_aligned16(const void* p) {
+  return reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
+}
+
+// ---------------------------------------------------------------------------
+// Row directions v: what gets normalised. load(i, v) fills v with the kVec
+// direction values at flat element index i (= row * D + column).
+// ---------------------------------------------------------------------------
+
+// v = g
+template <typename scalar_t>
+struct GradDir {
+  const scalar_t* g;  // [B, D]
+  template <int kVec, typename acc_t>
+  __device__ __forceinline__ void load(int64_t i, acc_t (&v)[kVec]) const {
+    load_acc<kVec>(g + i, v);
+  }
+};
+
+// v = g1 - g0, the difference taken in acc_t
+template <typename scalar_t>
+struct DiffDir {
+  const scalar_t* g0;  // [B, D]
+  const scalar_t* g1;  // [B, D]
+  template <int kVec, typename acc_t>
+  __device__ __forceinline__ void load(int64_t i, acc_t (&v)[kVec]) const {
+    acc_t a[kVec];
+    load_acc<kVec>(g0 + i, a);
+    load_acc<kVec>(g1 + i, v);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) v[k] -= a[k];
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Deterministic group reductions
+// ---------------------------------------------------------------------------
+
+struct SumOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+
+// max that propagates NaN from either side (so a NaN row has a NaN max).
+struct NanMaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return (at::_isnan(a) || a > b) ? a : b;
+  }
+};
+
+// Xor butterfly: every lane ends with op over all 32 lanes, combined in the
+// same fixed order; a + b == b + a bitwise, so all lanes agree exactly.
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_allreduce(T v, Op op) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+    v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
+// One warp per row (kWarpRowsPerBlock rows per block). No __syncthreads:
+// warps of a block run independent row loops.
+struct WarpGroup {
+  __device__ static int rank() { return static_cast<int>(threadIdx.x) % kWarpSize; }
+  __device__ static int size() { return kWarpSize; }
+  __device__ static int64_t first_row() {
+    return static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) +
+           threadIdx.x / kWarpSize;
+  }
+  __device__ static int64_t row_stride() {
+    return static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarpSize);
+  }
+  template <typename T, typename Op>
+  __device__ static T allreduce(T v, Op op, T* /*smem*/) {
+    return warp_allreduce(v, op);
+  }
+};
+
+// One block per row. blockDim.x is a multiple of 32, at most kMaxThreads.
+struct BlockGroup {
+  __device__ static int rank() { return static_cast<int>(threadIdx.x); }
+  __device__ static int size() { return static_cast<int>(blockDim.x); }
+  __device__ static int64_t first_row() { return blockIdx.x; }
+  __device__ static int64_t row_stride() { return gridDim.x; }
+  // smem: kMaxWarps slots. Every thread sums the per-warp partials in warp
+  // order, so all threads get the same value; the trailing barrier makes smem
+  // free for the next call.
+  template <typename T, typename Op>
+  __device__ static T allreduce(T v, Op op, T* smem) {
+    v = warp_allreduce(v, op);
+    const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+    const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+    const int num_warps = static_cast<int>(blockDim.x) / kWarpSize;
+    if (lane == 0) smem[warp] = v;
+    __syncthreads();
+    T r = smem[0];
+    for (int w = 1; w < num_warps; ++w) r = op(r, smem[w]);
+    __syncthreads();
+    return r;
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Scale-safe row norm (row_math.h), shared by every reducing kernel
+// ---------------------------------------------------------------------------
+
+// normalize(v)_i = apply(v_i); norm = ||v||_2.
+//   fast:     apply(v) = v * (1 / norm)
+//   slow:     apply(v) = (v / m) * (1 / sqrt(s)),  m = max |v_i|
+//   zero row: apply(v) = v * 0 = 0, norm = 0
+template <typename acc_t>
+struct RowScale {
+  bool by_max;  // slow path: divide by m first
+  acc_t m;
+  acc_t mul;
+  acc_t norm;
+  __device__ __forceinline__ acc_t apply(acc_t v) const {
+    return by_max ? (v / m) * mul : v * mul;
+  }
+};
+
+// The row [off, off + D) of dir, reduced by the calling row group (all of its
+// threads must call this; the result is identical in all of them).
+template <int kVec, typename Group, typename acc_t, typename Dir>
+__device__ RowScale<acc_t> row_scale(const Dir& dir, int64_t off, int64_t D,
+                                     acc_t* smem) {
+  const int64_t num_vec = D / kVec;
+  const int64_t rank = Group::rank();
+  const int64_t size = Group::size();
+
+  // Fast pass: sum of squares.
+  acc_t sumsq = 0;
+  for (int64_t j = rank; j < num_vec; j += size) {
+    acc_t v[kVec];
+    dir.template load<kVec>(off + j * kVec, v);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) sumsq += v[k] * v[k];
+  }
+  sumsq = Group::allreduce(sumsq, SumOp{}, smem);
+  if (sumsq_is_safe<acc_t>(sumsq)) {
+    const acc_t norm = c10::cuda::compat::sqrt(sumsq);
+    return {false, acc_t(1), acc_t(1) / norm, norm};
+  }
+
+  // Slow path (uniform over the group): m = max |v_i|, NaN-propagating.
+  acc_t m = 0;
+  for (int64_t j = rank; j < num_vec; j += size) {
+    acc_t v[kVec];
+    dir.template load<kVec>(off + j * kVec, v);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) m = NanMaxOp{}(m, c10::cuda::compat::abs(v[k]));
+  }
+  m = Group::allreduce(m, NanMaxOp{}, smem);
+  if (m == acc_t(0)) {
+    return {false, acc_t(1), acc_t(0), acc_t(0)};  // zero row
+  }
+  // s = sum (v_i / m)^2 in [1, D] (NaN if m is NaN or Inf).
+  acc_t s = 0;
+  for (int64_t j = rank; j < num_vec; j += size) {
+    acc_t v[kVec];
+    dir.template load<kVec>(off + j * kVec, v);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const acc_t q = v[k] / m;
+      s += q * q;
+    }
+  }
+  s = Group::allreduce(s, SumOp{}, smem);
+  const acc_t root_s = c10::cuda::compat::sqrt(s);
+  return {true, m, acc_t(1) / root_s, m * root_s};
+}
+
+// ---------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------
+
+// x: [B, D]   dir: [B, D]   out_a, out_b: [B, D]
+// out_a = x + scale_a * normalize(v), out_b = x + scale_b * normalize(v)
+// (out_b only when kNumOut == 2; v is read once per pass for both).
+// No __restrict__ on x, out or the directions: an .out buffer may be x or g
+// itself (each element is read before the same thread overwrites it).
+template <typename scalar_t, int kVec, typename Group, typename Dir, int kNumOut>
+__global__ void __launch_bounds__(kMaxThreads)
+    normalized_step_kernel(Dir dir, const scalar_t* x, scalar_t* out_a, scalar_t* out_b,
+                           at::opmath_type<scalar_t> scale_a,
+                           at::opmath_type<scalar_t> scale_b, int64_t B, int64_t D) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t smem[kMaxWarps];
+  const int64_t num_vec = D / kVec;
+  for (int64_t row = Group::first_row(); row < B; row += Group::row_stride()) {
+    const int64_t off = row * D;
+    const RowScale<acc_t> rs = row_scale<kVec, Group>(dir, off, D, smem);
+    for (int64_t j = Group::rank(); j < num_vec; j += Group::size()) {
+      const int64_t i = off + j * kVec;
+      acc_t v[kVec];
+      acc_t xv[kVec];
+      dir.template load<kVec>(i, v);
+      load_acc<kVec>(x + i, xv);
+      acc_t oa[kVec];
+      acc_t ob[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        const acc_t u = rs.apply(v[k]);
+        oa[k] = xv[k] + scale_a * u;
+        ob[k] = xv[k] + scale_b * u;
+      }
+      store_cast<kVec>(out_a + i, oa);
+      if constexpr (kNumOut == 2) store_cast<kVec>(out_b + i, ob);
+    }
+  }
+}
+
+// g: [B, D]   norm: [B]
+template <typename scalar_t, int kVec, typename Group>
+__global__ void __launch_bounds__(kMaxThreads)
+    row_norm_kernel(GradDir<scalar_t> dir, scalar_t* __restrict__ norm, int64_t B,
+                    int64_t D) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t smem[kMaxWarps];
+  for (int64_t row = Group::first_row(); row < B; row += Group::row_stride()) {
+    const RowScale<acc_t> rs = row_scale<kVec, Group>(dir, row * D, D, smem);
+    if (Group::rank() == 0) norm[row] = static_cast<scalar_t>(rs.norm);
+  }
+}
+
+// grad: [B]   g: [B, D]   norm: [B]   out: [B, D]
+// out[b, :] = grad[b] * (g[b, :] / norm[b]), exactly 0 where norm[b] == 0.
+// No reduction; the row groups only give the same coalesced, vectorised walk.
+template <typename scalar_t, int kVec, typename Group>
+__global__ void __launch_bounds__(kMaxThreads)
+    row_norm_backward_kernel(const scalar_t* __restrict__ grad,
+                             const scalar_t* __restrict__ g,
+                             const scalar_t* __restrict__ norm,
+                             scalar_t* __restrict__ out, int64_t B, int64_t D) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t num_vec = D / kVec;
+  for (int64_t row = Group::first_row(); row < B; row += Group::row_stride()) {
+    const acc_t n = static_cast<acc_t>(norm[row]);
+    const acc_t gr = static_cast<acc_t>(grad[row]);
+    const bool zero = (n == acc_t(0));
+    const int64_t off = row * D;
+    for (int64_t j = Group::rank(); j < num_vec; j += Group::size()) {
+      const int64_t i = off + j * kVec;
+      acc_t gv[kVec];
+      load_acc<kVec>(g + i, gv);
+      acc_t o[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) o[k] = zero ? acc_t(0) : gr * (gv[k] / n);
+      store_cast<kVec>(out + i, o);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------
+
+// Picks the row group (warp or block), block size, grid and vector width for a
+// [B, D] problem, then calls
+//   launch(Group{}, std::integral_constant<int, kVec>{}, grid, block).
+// vec_ok: all pointers 16-byte aligned (D % width is checked here).
+template <typename scalar_t, typename Launch>
+void launch_rows(int64_t B, int64_t D, bool vec_ok, Launch&& launch) {
+  constexpr int kVec = kVecWidth<scalar_t>;
+  const bool use_vec = vec_ok && D % kVec == 0;
+  const bool warp_rows = D <= kWarpRowMaxD;
+
+  int threads;
+  int64_t rows_per_block;
+  if (warp_rows) {
+    threads = kWarpRowsPerBlock * kWarpSize;
+    rows_per_block = kWarpRowsPerBlock;
+  } else {
+    threads = D <= 4096 ? 128 : (D <= 16384 ? 256 : kMaxThreads);
+    rows_per_block = 1;
+  }
+  // Enough blocks for every row, capped at a few full waves; the kernels
+  // grid-stride over the remaining rows.
+  // (Plain runtime queries rather than at::cuda::getCurrentDeviceProperties(),
+  // whose header drags in cuBLAS / cuSPARSE headers.)
+  const int device = c10::cuda::current_device();
+  int sm_count = 0;
+  int sm_threads = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_threads,
+                                        cudaDevAttrMaxThreadsPerMultiProcessor, device));
+  const int64_t max_blocks = std::max<int64_t>(
+      1, static_cast<int64_t>(sm_count) * std::max(1, sm_threads / threads) * 8);
+  const int64_t blocks =
+      std::min<int64_t>((B + rows_per_block - 1) / rows_per_block, max_blocks);
+  const dim3 grid(static_cast<unsigned int>(blocks));
+  const dim3 block(static_cast<unsigned int>(threads));
+
+  auto with_group = [&](auto group) {
+    if (use_vec) {
+      launch(group, std::integral_constant<int, kVec>{}, grid, block);
+    } else {
+      launch(group, std::integral_constant<int, 1>{}, grid, block);
+    }
+  };
+  if (warp_rows) {
+    with_group(WarpGroup{});
+  } else {
+    with_group(BlockGroup{});
+  }
+}
+
+// Shared by normalized_step / dual_normalized_step / fd_direction.
+// x: [B, ...]   out_a (, out_b): contiguous, x's shape
+template <typename scalar_t, typename Dir, int kNumOut>
+void launch_normalized_step(const Dir& dir, bool dir_aligned, const at::Tensor& x,
+                            const at::Tensor& out_a, const at::Tensor& out_b,
+                            double scale_a, double scale_b, int64_t B, int64_t D) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x_ptr = x.data_ptr<scalar_t>();
+  scalar_t* a_ptr = out_a.data_ptr<scalar_t>();
+  scalar_t* b_ptr = kNumOut == 2 ? out_b.data_ptr<scalar_t>() : nullptr;
+  const bool vec_ok = dir_aligned && is_aligned16(x_ptr) && is_aligned16(a_ptr) &&
+                      (kNumOut == 1 || is_aligned16(b_ptr));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  launch_rows<scalar_t>(B, D, vec_ok, [&](auto group, auto vec, dim3 grid, dim3 block) {
+    using Group = decltype(group);
+    constexpr int kVec = decltype(vec)::value;
+    normalized_step_kernel<scalar_t, kVec, Group, Dir, kNumOut>
+        <<<grid, block, 0, stream>>>(dir, x_ptr, a_ptr, b_ptr,
+                                     static_cast<acc_t>(scale_a),
+                                     static_cast<acc_t>(scale_b), B, D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// x, g: [B, ...]   out: contiguous, x's shape (may be x itself)
+void normalized_step_out_cuda(const at::Tensor& x, const at::Tensor& g, double scale,
+                              at::Tensor& out) {
+  check_normalized_step("normalized_step", x, g);
+  check_positive("normalized_step", "scale", scale);
+  check_out("normalized_step", out, x, {x, g});
+  const at::cuda::OptionalCUDAGuard guard(device_of(x));
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor gc = g.contiguous();
+  const int64_t B = num_rows(xc);
+  const int64_t D = row_size(xc);
+  if (B == 0 || D == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, xc.scalar_type(), "normalized_step_cuda", [&] {
+        const GradDir<scalar_t> dir{gc.data_ptr<scalar_t>()};
+        launch_normalized_step<scalar_t, GradDir<scalar_t>, 1>(
+            dir, is_aligned16(dir.g), xc, out, out, scale, scale, B, D);
+      });
+}
+
+at::Tensor normalized_step_cuda(const at::Tensor& x, const at::Tensor& g, double scale) {
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  normalized_step_out_cuda(x, g, scale, out);
+  return out;
+}
+
+// x, g: [B, ...]   out_a, out_b: x's shape
+std::tuple<at::Tensor, at::Tensor> dual_normalized_step_cuda(const at::Tensor& x,
+                                                             const at::Tensor& g,
+                                                             double scale_a,
+                                                             double scale_b) {
+  check_normalized_step("dual_normalized_step", x, g);
+  check_positive("dual_normalized_step", "scale_a", scale_a);
+  check_positive("dual_normalized_step", "scale_b", scale_b);
+  const at::cuda::OptionalCUDAGuard guard(device_of(x));
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor gc = g.contiguous();
+  at::Tensor out_a = at::empty(xc.sizes(), xc.options());
+  at::Tensor out_b = at::empty(xc.sizes(), xc.options());
+  const int64_t B = num_rows(xc);
+  const int64_t D = row_size(xc);
+  if (B == 0 || D == 0) return {out_a, out_b};
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, xc.scalar_type(), "dual_normalized_step_cuda", [&] {
+        const GradDir<scalar_t> dir{gc.data_ptr<scalar_t>()};
+        launch_normalized_step<scalar_t, GradDir<scalar_t>, 2>(
+            dir, is_aligned16(dir.g), xc, out_a, out_b, scale_a, scale_b, B, D);
+      });
+  return {out_a, out_b};
+}
+
+// x, g0, g1: [B, ...]   out: contiguous, x's shape (may be x itself)
+void fd_direction_out_cuda(const at::Tensor& x, const at::Tensor& g0, const at::Tensor& g1,
+                           double eps, at::Tensor& out) {
+  check_fd_direction(x, g0, g1, eps);
+  check_out("fd_direction", out, x, {x, g0, g1});
+  const at::cuda::OptionalCUDAGuard guard(device_of(x));
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor g0c = g0.contiguous();
+  const at::Tensor g1c = g1.contiguous();
+  const int64_t B = num_rows(xc);
+  const int64_t D = row_size(xc);
+  if (B == 0 || D == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, xc.scalar_type(), "fd_direction_cuda", [&] {
+        const DiffDir<scalar_t> dir{g0c.data_ptr<scalar_t>(), g1c.data_ptr<scalar_t>()};
+        launch_normalized_step<scalar_t, DiffDir<scalar_t>, 1>(
+            dir, is_aligned16(dir.g0) && is_aligned16(dir.g1), xc, out, out, eps, eps,
+            B, D);
+      });
+}
+
+at::Tensor fd_direction_cuda(const at::Tensor& x, const at::Tensor& g0,
+                             const at::Tensor& g1, double eps) {
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  fd_direction_out_cuda(x, g0, g1, eps, out);
+  return out;
+}
+
+// g: [B, ...]   out: [B]
+at::Tensor row_norm_cuda(const at::Tensor& g) {
+  check_rows_tensor("row_norm", "g", g);
+  const at::cuda::OptionalCUDAGuard guard(device_of(g));
+  const int64_t B = num_rows(g);
+  const int64_t D = row_size(g);
+  if (B == 0 || D == 0) return at::zeros({B}, g.options());
+  const at::Tensor gc = g.contiguous();
+  at::Tensor out = at::empty({B}, gc.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, gc.scalar_type(), "row_norm_cuda", [&] {
+        const GradDir<scalar_t> dir{gc.data_ptr<scalar_t>()};
+        scalar_t* out_ptr = out.data_ptr<scalar_t>();
+        const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+        launch_rows<scalar_t>(
+            B, D, is_aligned16(dir.g), [&](auto group, auto vec, dim3 grid, dim3 block) {
+              using Group = decltype(group);
+              constexpr int kVec = decltype(vec)::value;
+              row_norm_kernel<scalar_t, kVec, Group>
+                  <<<grid, block, 0, stream>>>(dir, out_ptr, B, D);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
+      });
+  return out;
+}
+
+// grad: [B]   g: [B, ...]   norm: [B]   out: g's shape
+at::Tensor row_norm_backward_cuda(const at::Tensor& grad, const at::Tensor& g,
+                                  const at::Tensor& norm) {
+  check_row_norm_backward(grad, g, norm);
+  const at::cuda::OptionalCUDAGuard guard(device_of(g));
+  const at::Tensor gc = g.contiguous();
+  at::Tensor out = at::empty(gc.sizes(), gc.options());
+  const int64_t B = num_rows(gc);
+  const int64_t D = row_size(gc);
+  if (B == 0 || D == 0) return out;
+  const at::Tensor grad_c = grad.contiguous();
+  const at::Tensor norm_c = norm.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, gc.scalar_type(), "row_norm_backward_cuda", [&] {
+        const scalar_t* grad_ptr = grad_c.data_ptr<scalar_t>();
+        const scalar_t* g_ptr = gc.data_ptr<scalar_t>();
+        const scalar_t* norm_ptr = norm_c.data_ptr<scalar_t>();
+        scalar_t* out_ptr = out.data_ptr<scalar_t>();
+        const bool vec_ok = is_aligned16(g_ptr) && is_aligned16(out_ptr);
+        const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+        launch_rows<scalar_t>(
+            B, D, vec_ok, [&](auto group, auto vec, dim3 grid, dim3 block) {
+              using Group = decltype(group);
+              constexpr int kVec = decltype(vec)::value;
+              row_norm_backward_kernel<scalar_t, kVec, Group>
+                  <<<grid, block, 0, stream>>>(grad_ptr, g_ptr, norm_ptr, out_ptr, B, D);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
+      });
+  return out;
+}
+
+}  // namespace
+}  // namespace ater_ext
+
+TORCH_LIBRARY_IMPL(ater_ext, CUDA, m) {
+  m.impl("normalized_step", &ater_ext::normalized_step_cuda);
+  m.impl("normalized_step.out", &ater_ext::normalized_step_out_cuda);
+  m.impl("dual_normalized_step", &ater_ext::dual_normalized_step_cuda);
+  m.impl("fd_direction", &ater_ext::fd_direction_cuda);
+  m.impl("fd_direction.out", &ater_ext::fd_direction_out_cuda);
+  m.impl("row_norm", &ater_ext::row_norm_cuda);
+  m.impl("row_norm_backward", &ater_ext::row_norm_backward_cuda);
+}

@@ -1,0 +1,165 @@
+"""Bad input raises a RuntimeError that names the op (and, for shape
+mismatches, the shapes it saw), through the typed wrappers and the raw ops."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from _ops_common import requires_cuda
+from ater_ext import ops
+
+
+def op_pattern(name: str, *fragments: str) -> str:
+    """Regex: the op name as a whole word (so normalized_step does not match
+    dual_normalized_step), then each fragment, in order."""
+    return rf"(?<!\w){name}(?!\w)" + "".join(".*" + re.escape(f) for f in fragments)
+
+
+def f32(*shape, device="cpu"):
+    return torch.randn(shape, device=device)
+
+
+def of(dtype, *shape):
+    if dtype.is_complex:
+        return torch.randn(shape, dtype=dtype)
+    return torch.ones(shape, dtype=dtype)
+
+
+API = {
+    "wrapper": lambda name: getattr(ops, name),
+    "raw": lambda name: getattr(torch.ops.ater_ext, name),
+}
+BAD_DTYPES = [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64, torch.complex128]
+BAD_SCALARS = [0.0, -1.0, -1e-30, float("inf"), float("-inf"), float("nan")]
+
+
+# -------------------------------------------------------------- step ops
+def step_cases():
+    """(op, args, regex fragments)."""
+    cases = []
+    for name, scales in [("normalized_step", (0.5,)), ("dual_normalized_step", (0.5, 2.0))]:
+        cases += [
+            pytest.param(name, (f32(4, 3), f32(4, 5), *scales), ("[4, 3]", "[4, 5]"), id=f"{name}-shape"),
+            pytest.param(name, (f32(4, 3), f32(5, 3), *scales), ("[4, 3]", "[5, 3]"), id=f"{name}-rows"),
+            pytest.param(name, (f32(4, 3), f32(12), *scales), ("[4, 3]", "[12]"), id=f"{name}-same-numel"),
+            pytest.param(name, (f32(4, 3), f32(4, 3).double(), *scales), (), id=f"{name}-dtype"),
+            pytest.param(name, (f32(4, 3).half(), f32(4, 3).bfloat16(), *scales), (), id=f"{name}-dtype-reduced"),
+            pytest.param(name, (torch.tensor(1.0), torch.tensor(2.0), *scales), (), id=f"{name}-0d"),
+            pytest.param(name, (f32(4, 3), torch.tensor(2.0), *scales), (), id=f"{name}-0d-g"),
+        ]
+        for dt in BAD_DTYPES:
+            cases.append(pytest.param(name, (of(dt, 4, 3), of(dt, 4, 3), *scales), (), id=f"{name}-{dt}"))
+            cases.append(pytest.param(name, (f32(4, 3), of(dt, 4, 3), *scales), (), id=f"{name}-g-{dt}"))
+        for i in range(len(scales)):
+            for bad in BAD_SCALARS:
+                s = list(scales)
+                s[i] = bad
+                cases.append(pytest.param(name, (f32(4, 3), f32(4, 3), *s), (), id=f"{name}-scale{i}={bad}"))
+    name = "fd_direction"
+    cases += [
+        pytest.param(name, (f32(4, 3), f32(4, 5), f32(4, 5), 1.0), ("[4, 3]", "[4, 5]"), id="fd-shape-x-g0"),
+        pytest.param(name, (f32(4, 3), f32(4, 3), f32(4, 5), 1.0), ("[4, 3]", "[4, 5]"), id="fd-shape-g0-g1"),
+        pytest.param(name, (f32(4, 3), f32(4, 3), f32(2, 3), 1.0), ("[4, 3]", "[2, 3]"), id="fd-rows-g1"),
+        pytest.param(name, (f32(4, 3), f32(4, 3), f32(4, 3).double(), 1.0), (), id="fd-dtype-g1"),
+        pytest.param(name, (f32(4, 3).double(), f32(4, 3), f32(4, 3), 1.0), (), id="fd-dtype-x"),
+        pytest.param(name, (torch.tensor(1.0), torch.tensor(1.0), torch.tensor(2.0), 1.0), (), id="fd-0d"),
+    ]
+    for dt in BAD_DTYPES:
+        cases.append(pytest.param(name, (of(dt, 4, 3), of(dt, 4, 3), of(dt, 4, 3), 1.0), (), id=f"fd-{dt}"))
+        cases.append(pytest.param(name, (f32(4, 3), f32(4, 3), of(dt, 4, 3), 1.0), (), id=f"fd-g1-{dt}"))
+    for bad in BAD_SCALARS:
+        cases.append(pytest.param(name, (f32(4, 3), f32(4, 3), f32(4, 3), bad), (), id=f"fd-eps={bad}"))
+    return cases
+
+
+@pytest.mark.parametrize("api", list(API))
+@pytest.mark.parametrize("name,args,fragments", step_cases())
+def test_step_ops_reject_bad_input(name, args, fragments, api):
+    with pytest.raises(RuntimeError, match=op_pattern(name, *fragments)):
+        API[api](name)(*args)
+
+
+@pytest.mark.parametrize("api", list(API))
+@pytest.mark.parametrize("name", ["normalized_step", "dual_normalized_step", "fd_direction"])
+def test_bad_scalar_rejected_even_for_empty_input(name, api):
+    x = torch.empty(0, 3)
+    args = (x, x, x) if name == "fd_direction" else (x, x)
+    scales = (float("nan"), 1.0) if name == "dual_normalized_step" else (float("nan"),)
+    with pytest.raises(RuntimeError, match=op_pattern(name)):
+        API[api](name)(*args, *scales[: 2 if name == "dual_normalized_step" else 1])
+
+
+# -------------------------------------------------------------- row_norm
+@pytest.mark.parametrize("api", list(API))
+@pytest.mark.parametrize(
+    "g", [pytest.param(of(dt, 4, 3), id=str(dt)) for dt in BAD_DTYPES] + [pytest.param(torch.tensor(3.0), id="0d")]
+)
+def test_row_norm_rejects_bad_input(g, api):
+    with pytest.raises(RuntimeError, match=op_pattern("row_norm")):
+        API[api]("row_norm")(g)
+
+
+# ------------------------------------------------------ row_norm_backward
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param((f32(5), f32(4, 3), f32(4)), id="grad-rows"),
+        pytest.param((f32(4), f32(4, 3), f32(3)), id="norm-rows"),
+        pytest.param((f32(4, 1), f32(4, 3), f32(4)), id="grad-2d"),
+        pytest.param((f32(4), f32(4, 3), f32(4, 3)), id="norm-2d"),
+        pytest.param((torch.tensor(1.0), f32(4, 3), f32(4)), id="grad-0d"),
+        pytest.param((f32(4), torch.tensor(1.0), f32(4)), id="g-0d"),
+        pytest.param((f32(4).double(), f32(4, 3), f32(4)), id="grad-dtype"),
+        pytest.param((f32(4), f32(4, 3), f32(4).half()), id="norm-dtype"),
+        pytest.param((of(torch.int64, 4), of(torch.int64, 4, 3), of(torch.int64, 4)), id="int"),
+        pytest.param((f32(4), of(torch.complex64, 4, 3), f32(4)), id="complex-g"),
+    ],
+)
+def test_row_norm_backward_rejects_bad_input(args):
+    with pytest.raises(RuntimeError, match=op_pattern("row_norm_backward")):
+        torch.ops.ater_ext.row_norm_backward(*args)
+
+
+def test_row_norm_backward_message_shows_shapes():
+    with pytest.raises(RuntimeError, match=op_pattern("row_norm_backward", "[4, 3]", "[5]", "[4]")):
+        torch.ops.ater_ext.row_norm_backward(f32(5), f32(4, 3), f32(4))
+
+
+# ------------------------------------------------------------ meta / fake
+@pytest.mark.parametrize(
+    "name,args",
+    [
+        pytest.param("normalized_step", lambda m: (m(4, 3), m(4, 5), 0.5), id="normalized_step"),
+        pytest.param("dual_normalized_step", lambda m: (m(4, 3), m(5, 3), 0.5, 2.0), id="dual"),
+        pytest.param("fd_direction", lambda m: (m(4, 3), m(4, 3), m(4, 5), 1.0), id="fd_direction"),
+        pytest.param("row_norm", lambda m: (torch.empty((), device="meta"),), id="row_norm-0d"),
+    ],
+)
+def test_meta_rejects_mismatched_shapes(name, args):
+    def m(*shape):
+        return torch.empty(shape, device="meta")
+
+    with pytest.raises(RuntimeError, match=op_pattern(name)):
+        getattr(ops, name)(*args(m))
+
+
+# ----------------------------------------------------------------- devices
+@requires_cuda
+@pytest.mark.parametrize("api", list(API))
+@pytest.mark.parametrize("name", ["normalized_step", "dual_normalized_step", "fd_direction", "row_norm_backward"])
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_mixed_devices_rejected(name, where, api):
+    cpu, cuda = f32(4, 3), f32(4, 3, device="cuda")
+    first, last = (cpu, cuda) if where == "first" else (cuda, cpu)
+    if name == "fd_direction":
+        args = (first, last, last, 1.0)
+    elif name == "row_norm_backward":
+        if api == "wrapper":
+            pytest.skip("row_norm_backward has no wrapper")
+        args = (f32(4, device=first.device.type), last, f32(4, device=first.device.type))
+    else:
+        args = (first, last, 0.5) + ((2.0,) if name == "dual_normalized_step" else ())
+    with pytest.raises(RuntimeError, match=op_pattern(name)):
+        API[api](name)(*args)
