@@ -101,8 +101,14 @@ inline void check_out(const char* op, const at::Tensor& out, const at::Tensor& x
   check_like(op, "x", x, "out", out);
   TORCH_CHECK(out.is_contiguous(), "ater_ext::", op, ": out must be contiguous, got strides ",
               out.strides(), " for shape ", out.sizes());
-  at::assert_no_internal_overlap(out);
-  for (const auto& t : inputs) at::assert_no_partial_overlap(out, t);
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, "ater_ext::", op,
+              ": out has internally overlapping memory (shape ", out.sizes(), ", strides ",
+              out.strides(), ")");
+  for (const auto& t : inputs) {
+    TORCH_CHECK(at::get_overlap_status(out, t) != at::MemOverlapStatus::Partial, "ater_ext::",
+                op, ": out ", out.sizes(), " partially overlaps an input ", t.sizes(),
+                "; pass the input itself or a separate buffer");
+  }
 }
 
 }  // namespace ater_ext

@@ -1,0 +1,197 @@
+"""The training objectives of the paper: ERM, AT, VAT, ATER (Eq. 11) and VATER (Eq. 12).
+
+Each returns ``(loss, stats)``: ``loss`` is a scalar to call ``backward()`` on,
+``stats`` a dict of floats for logging. None of them calls ``zero_grad``,
+``backward`` or ``step``. Only the clean forward updates BatchNorm running
+statistics; every other pass goes through :class:`ater_ext.passes.ExtraPasses`.
+Losses are batch means of ``loss_fn`` (cross-entropy by default).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from .energy import (check_batch, check_positive, check_trainable, clamp_to, default_xi, fd_x_max,
+                     penalty_value, resolve_loss_fn)
+from .passes import ExtraPasses, LossFn, capture_rng_state
+
+__all__ = ["erm_loss", "at_loss", "vat_loss", "ater_loss", "vater_loss"]
+
+Stats = Dict[str, float]
+
+
+def _stats(**terms: Tensor) -> Stats:
+    """Detached floats, read back in one device sync."""
+    values = torch.stack([t.detach().float().reshape(()) for t in terms.values()]).tolist()
+    return dict(zip(terms, values))
+
+
+class _CleanForward:
+    """The clean forward (the only pass that updates BatchNorm statistics), with
+    ``x`` as a leaf so that pass 1's input gradient can come from its graph."""
+
+    def __init__(self, model: nn.Module, x: Tensor):
+        self.rng_state = capture_rng_state(x.device)  # the masks pass 2 must reuse
+        self.x_leaf = x.detach().requires_grad_(True)
+        self.logits = model(self.x_leaf)
+
+    def input_grad(self, passes: ExtraPasses, per_sample_loss: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
+        """``grad_x sum_i L(x_i, y_i)`` from this forward's graph (kept for the
+        caller's backward). Under autocast that graph is low precision, so a
+        separate fp32 pass is run instead (SPEC: probe passes in fp32)."""
+        if passes.work_dtype is not None:
+            return passes.input_grad(self.x_leaf, y, loss_fn)[0]
+        (g,) = torch.autograd.grad(per_sample_loss.sum(), self.x_leaf, retain_graph=True)
+        return g
+
+
+def _energy_from_grad(passes: ExtraPasses, x: Tensor, y: Tensor, g: Tensor, probe: Tensor, loss_fn: LossFn,
+                      eps: float, clamp) -> Tensor:
+    """energy_reg given pass 1's gradient and the probe: pass 2, Eq. 15, exact penalty."""
+    xm = fd_x_max(passes, x, y, g, probe, loss_fn, eps, clamp)
+    return penalty_value(passes, xm, y, loss_fn, kind="exact", fd_h=1e-2, reduction="mean")
+
+
+def _vat_term(passes: ExtraPasses, x: Tensor, clean_logits: Tensor, d: Tensor, *, eps_vat: float,
+              xi_vat: float, ip: int) -> Tensor:
+    """``KL(p(x) || p(x + r_vat))`` (batch mean), ``p(x)`` detached, ``r_vat`` from
+    ``ip`` power iterations starting at direction ``d`` (Miyato et al.)."""
+    log_p = F.log_softmax(clean_logits.detach().float(), dim=1)
+    x0 = x.detach()
+    for _ in range(ip):
+        x_r = ops.normalized_step(x0, d, xi_vat).requires_grad_(True)
+        with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+            log_q = F.log_softmax(passes.forward(x_r, detach_params=True).float(), dim=1)
+            kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+            (d,) = torch.autograd.grad(kl, x_r)
+    x_vat = ops.normalized_step(x0, d, eps_vat)
+    log_q = F.log_softmax(passes.forward(x_vat, detach_params=False).float(), dim=1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+
+
+def erm_loss(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: Optional[LossFn] = None) -> Tuple[Tensor, Stats]:
+    """Empirical risk: ``L(x)``."""
+    check_batch("erm_loss", x, y)
+    loss = resolve_loss_fn(loss_fn)(model(x), y)
+    return loss, _stats(loss=loss, ce=loss)
+
+
+def at_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, loss_fn: Optional[LossFn] = None,
+            clamp=None) -> Tuple[Tensor, Stats]:
+    """One-step L2 adversarial training: ``L(x) + L(x_adv)``,
+    ``x_adv = x + eps_adv * normalize(grad_x L(x))`` (a constant)."""
+    op = "at_loss"
+    check_batch(op, x, y)
+    eps_adv = check_positive(op, "eps_adv", eps_adv)
+    loss_fn = resolve_loss_fn(loss_fn)
+    clean = _CleanForward(model, x)
+    per_sample = loss_fn(clean.logits, y, reduction="none")
+    with ExtraPasses(model, x, clean.rng_state) as passes:
+        g = clean.input_grad(passes, per_sample, y, loss_fn)
+        x_adv = clamp_to(ops.normalized_step(x.detach().to(g.dtype), g, eps_adv), clamp).to(x.dtype)
+        adv = loss_fn(passes.forward(x_adv, detach_params=False), y)
+    ce = per_sample.mean()
+    loss = ce + adv
+    return loss, _stats(loss=loss, ce=ce, adv=adv)
+
+
+def vat_loss(model: nn.Module, x: Tensor, *, eps_vat: float = 2.0, xi_vat: Optional[float] = None,
+             ip: int = 1) -> Tuple[Tensor, Stats]:
+    """The VAT term alone: ``KL(p(x) || p(x + r_vat))`` with ``p(x)`` detached and
+    ``r_vat = eps_vat * normalize(d)``, ``d`` from ``ip`` power iterations of
+    ``grad_r KL(p(x) || p(x + r))`` at ``r = xi_vat * normalize(d)``, starting from
+    ``d = randn_like(x)`` (this function's first random draw). ``p(x)`` comes
+    from an extra pass, so BatchNorm buffers are not updated."""
+    op = "vat_loss"
+    check_batch(op, x)
+    eps_vat = check_positive(op, "eps_vat", eps_vat)
+    xi_vat = check_positive(op, "xi_vat", default_xi(x.dtype) if xi_vat is None else xi_vat)
+    if int(ip) < 1:
+        raise ValueError(f"ater_ext.{op}: ip must be >= 1, got {ip}")
+    d = torch.randn_like(x)
+    with ExtraPasses(model, x) as passes:
+        with torch.no_grad():
+            clean_logits = passes.forward(x.detach(), detach_params=True)
+        vat = _vat_term(passes, x, clean_logits, d, eps_vat=eps_vat, xi_vat=xi_vat, ip=int(ip))
+    return vat, _stats(loss=vat, vat=vat)
+
+
+def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, eps: float = 2.0,
+              lam: float = 0.1, xi: Optional[float] = None, loss_fn: Optional[LossFn] = None,
+              clamp=None) -> Tuple[Tensor, Stats]:
+    """ATER, Eq. 11 / Algorithm 1: ``L(x) + L(x_adv) + lam * energy_reg``.
+
+    One clean forward; its graph gives the pass-1 gradient ``g`` (no separate
+    forward), from which one fused launch makes both ``x_adv = x + eps_adv *
+    normalize(g)`` and the probe ``x + xi * normalize(g)``; pass 2 at the probe
+    and one fused launch give ``x_max`` (Eq. 15); the penalty is
+    ``mean_i ||grad_x L(x_max_i)||`` by double backpropagation.
+    """
+    op = "ater_loss"
+    check_batch(op, x, y)
+    eps_adv = check_positive(op, "eps_adv", eps_adv)
+    eps = check_positive(op, "eps", eps)
+    lam = float(lam)
+    xi = check_positive(op, "xi", default_xi(x.dtype) if xi is None else xi)
+    check_trainable(op, model)
+    loss_fn = resolve_loss_fn(loss_fn)
+    clean = _CleanForward(model, x)
+    per_sample = loss_fn(clean.logits, y, reduction="none")
+    with ExtraPasses(model, x, clean.rng_state) as passes:
+        g = clean.input_grad(passes, per_sample, y, loss_fn)
+        x_adv, probe = ops.dual_normalized_step(x.detach().to(g.dtype), g, eps_adv, xi)
+        adv = loss_fn(passes.forward(clamp_to(x_adv, clamp).to(x.dtype), detach_params=False), y)
+        energy = _energy_from_grad(passes, x, y, g, clamp_to(probe, clamp), loss_fn, eps, clamp)
+    ce = per_sample.mean()
+    loss = ce + adv + lam * energy
+    return loss, _stats(loss=loss, ce=ce, adv=adv, energy=energy)
+
+
+def vater_loss(model: nn.Module, x_l: Tensor, y_l: Tensor, x_ul: Tensor, *, eps_vat: float = 2.0,
+               eps: float = 2.0, lam: float = 0.1, xi: Optional[float] = None, ip: int = 1,
+               xi_vat: Optional[float] = None, loss_fn: Optional[LossFn] = None,
+               clamp=None) -> Tuple[Tensor, Stats]:
+    """VATER, Eq. 12 / Algorithm 2 (semi-supervised):
+    ``L(x_l) + VAT(x_l ∪ x_ul) + lam * energy_reg(x_l ∪ x_ul)``.
+
+    One clean forward on the union ``x = cat(x_l, x_ul)`` (so BatchNorm
+    statistics are updated once, with all of it). Unlabelled rows take the
+    pseudo-label ``argmax p(x)`` at the clean input, detached, for the energy
+    term (the paper's ``grad_x f`` is undefined for a vector output; a soft
+    self-target would have zero gradient at ``x``). VAT's start direction is
+    ``randn_like(x)``, this function's first random draw.
+    """
+    op = "vater_loss"
+    check_batch(op, x_l, y_l)
+    check_batch(op, x_ul)
+    if x_l.shape[1:] != x_ul.shape[1:] or x_l.dtype != x_ul.dtype or x_l.device != x_ul.device:
+        raise ValueError(f"ater_ext.{op}: x_l and x_ul must share sample shape, dtype and device, got "
+                         f"x_l {list(x_l.shape)} {x_l.dtype} {x_l.device} and "
+                         f"x_ul {list(x_ul.shape)} {x_ul.dtype} {x_ul.device}")
+    eps_vat = check_positive(op, "eps_vat", eps_vat)
+    eps = check_positive(op, "eps", eps)
+    xi = check_positive(op, "xi", default_xi(x_l.dtype) if xi is None else xi)
+    xi_vat = check_positive(op, "xi_vat", default_xi(x_l.dtype) if xi_vat is None else xi_vat)
+    if int(ip) < 1:
+        raise ValueError(f"ater_ext.{op}: ip must be >= 1, got {ip}")
+    lam = float(lam)
+    check_trainable(op, model)
+    loss_fn = resolve_loss_fn(loss_fn)
+    n_l = x_l.shape[0]
+    x = torch.cat([x_l, x_ul])
+    d = torch.randn_like(x)
+    clean = _CleanForward(model, x)
+    y = torch.cat([y_l, clean.logits[n_l:].detach().argmax(dim=1).to(y_l.dtype)])
+    per_sample = loss_fn(clean.logits, y, reduction="none")
+    with ExtraPasses(model, x, clean.rng_state) as passes:
+        vat = _vat_term(passes, x, clean.logits, d, eps_vat=eps_vat, xi_vat=xi_vat, ip=int(ip))
+        g = clean.input_grad(passes, per_sample, y, loss_fn)
+        probe = clamp_to(ops.normalized_step(x.detach().to(g.dtype), g, xi), clamp)
+        energy = _energy_from_grad(passes, x, y, g, probe, loss_fn, eps, clamp)
+    ce = per_sample[:n_l].mean()
+    loss = ce + vat + lam * energy
+    return loss, _stats(loss=loss, ce=ce, vat=vat, energy=energy)

@@ -1,0 +1,147 @@
+"""The extra forward/backward passes of ATER, AT and VAT, run with the
+semantics users depend on (SPEC "Training-mode semantics").
+
+Every pass that is not the caller's clean forward goes through
+:class:`ExtraPasses`, which
+
+* replaces the module's buffers by scratch copies for the pass (via
+  :func:`torch.func.functional_call`), so BatchNorm running statistics and
+  ``num_batches_tracked`` are never written, and nothing is restored in place
+  (which would break autograd's version counters);
+* starts every pass from the same RNG state, so dropout masks match between
+  the clean gradient (pass 1), the probe gradient (pass 2) and the penalty;
+* gives the input-gradient passes detached parameters: they build no graph to
+  the weights and compute no weight gradients, and ``.grad`` is never touched;
+* runs on the module inside a ``DistributedDataParallel`` / ``DataParallel``
+  wrapper, so the wrapper's reducer sees only the caller's one backward.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = ["RngState", "capture_rng_state", "restore_rng_state", "unwrap_model", "ExtraPasses"]
+
+LossFn = Callable[..., Tensor]
+
+# (CPU generator state, (cuda device index, its generator state) or None)
+RngState = Tuple[Tensor, Optional[Tuple[int, Tensor]]]
+
+
+def capture_rng_state(device: torch.device) -> RngState:
+    """The RNG state that a forward on ``device`` draws its dropout masks from.
+
+    Capture it before a clean forward and pass it as ``rng_state=`` to
+    :func:`ater_ext.energy_reg` so that the extra passes reuse that forward's masks.
+    """
+    cuda_state = None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cuda_state = (index, torch.cuda.get_rng_state(index))
+    return torch.get_rng_state(), cuda_state
+
+
+def restore_rng_state(state: RngState) -> None:
+    cpu_state, cuda_state = state
+    torch.set_rng_state(cpu_state)
+    if cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state[1], cuda_state[0])
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel / DataParallel wrapper (else ``model``)."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
+@contextlib.contextmanager
+def _autocast_disabled(device_type: str):
+    with torch.autocast(device_type=device_type, enabled=False):
+        yield
+
+
+def _has_cudnn_rnn(module: nn.Module, device: torch.device) -> bool:
+    return (device.type == "cuda" and torch.backends.cudnn.enabled
+            and any(isinstance(m, nn.RNNBase) for m in module.modules()))
+
+
+class ExtraPasses:
+    """Context manager running the extra passes of one objective evaluation.
+
+    Args:
+        model: the caller's model (possibly DDP-wrapped).
+        x: the clean batch (for its device).
+        rng_state: the state the passes start from; ``None`` captures the
+            current one. On exit the RNG is left as after one forward when the
+            state was captured here (the extra passes consume randomness like one
+            forward), or as at entry when the caller passed the state of a
+            forward it already ran.
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, rng_state: Optional[RngState] = None):
+        self.module = unwrap_model(model)
+        self.device = x.device
+        self._given_rng = rng_state is not None
+        self._rng = rng_state if rng_state is not None else capture_rng_state(x.device)
+        self._exit_rng: Optional[RngState] = None
+        self._buffers = dict(self.module.named_buffers())
+        self._detached_params = {name: p.detach() for name, p in self.module.named_parameters()}
+
+    def __enter__(self) -> "ExtraPasses":
+        self._entry_rng = capture_rng_state(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._given_rng or self._exit_rng is None:
+            restore_rng_state(self._entry_rng)
+        else:
+            restore_rng_state(self._exit_rng)
+
+    @property
+    def work_dtype(self) -> Optional[torch.dtype]:
+        """fp32 when autocast is on for this device (the probe passes run in fp32)."""
+        return torch.float32 if torch.is_autocast_enabled(self.device.type) else None
+
+    def forward(self, x: Tensor, *, detach_params: bool) -> Tensor:
+        """One forward pass on scratch buffers from the fixed RNG state."""
+        restore_rng_state(self._rng)
+        tensors: Dict[str, Tensor] = {name: b.clone() for name, b in self._buffers.items()}
+        if detach_params:
+            tensors.update(self._detached_params)
+        out = functional_call(self.module, tensors, (x,))
+        if self._exit_rng is None:
+            self._exit_rng = capture_rng_state(self.device)
+        return out
+
+    def input_grad(self, x: Tensor, y: Tensor, loss_fn: LossFn, *, create_graph: bool = False
+                   ) -> Tuple[Tensor, Tensor]:
+        """``grad_x sum_i L(x_i, y_i)`` with detached parameters, in fp32 under autocast.
+
+        Returns ``(g, x_leaf)``; with ``create_graph=True`` ``g`` is differentiable
+        with respect to ``x_leaf`` (for the exact Hessian-vector product).
+        """
+        work = self.work_dtype
+        x_leaf = (x.detach().to(work) if work is not None and x.dtype != work else x.detach())
+        x_leaf.requires_grad_(True)
+        with torch.enable_grad(), _autocast_disabled(self.device.type):
+            loss = loss_fn(self.forward(x_leaf, detach_params=True), y, reduction="sum")
+            (g,) = torch.autograd.grad(loss, x_leaf, create_graph=create_graph)
+        return g, x_leaf
+
+    def penalty_forward(self, x: Tensor) -> Tensor:
+        """The forward whose input gradient is penalised: real parameters, ambient
+        autocast; the math attention backend (flash / efficient attention have no
+        double backward) and, for cuDNN RNNs (not twice differentiable), cuDNN off."""
+        stack = contextlib.ExitStack()
+        with stack:
+            if self.device.type == "cuda":
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+                stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            if _has_cudnn_rnn(self.module, self.device):
+                stack.enter_context(torch.backends.cudnn.flags(enabled=False))
+            return self.forward(x, detach_params=False)
