@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .energy import (check_batch, check_positive, check_trainable, clamp_to, default_xi, fd_x_max,
-                     penalty_value, resolve_loss_fn)
+                     grad_scale_of, penalty_value, resolve_loss_fn)
 from .passes import ExtraPasses, LossFn, capture_rng_state
 
 __all__ = ["erm_loss", "at_loss", "vat_loss", "ater_loss", "vater_loss"]
@@ -50,10 +50,11 @@ class _CleanForward:
 
 
 def _energy_from_grad(passes: ExtraPasses, x: Tensor, y: Tensor, g: Tensor, probe: Tensor, loss_fn: LossFn,
-                      eps: float, clamp) -> Tensor:
+                      eps: float, clamp, scaler) -> Tensor:
     """energy_reg given pass 1's gradient and the probe: pass 2, Eq. 15, exact penalty."""
     xm = fd_x_max(passes, x, y, g, probe, loss_fn, eps, clamp)
-    return penalty_value(passes, xm, y, loss_fn, kind="exact", fd_h=1e-2, reduction="mean")
+    return penalty_value(passes, xm, y, loss_fn, kind="exact", fd_h=1e-2, reduction="mean",
+                         grad_scale=grad_scale_of(scaler))
 
 
 def _vat_term(passes: ExtraPasses, x: Tensor, clean_logits: Tensor, d: Tensor, *, eps_vat: float,
@@ -122,14 +123,15 @@ def vat_loss(model: nn.Module, x: Tensor, *, eps_vat: float = 2.0, xi_vat: Optio
 
 def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, eps: float = 2.0,
               lam: float = 0.1, xi: Optional[float] = None, loss_fn: Optional[LossFn] = None,
-              clamp=None) -> Tuple[Tensor, Stats]:
+              clamp=None, scaler=None) -> Tuple[Tensor, Stats]:
     """ATER, Eq. 11 / Algorithm 1: ``L(x) + L(x_adv) + lam * energy_reg``.
 
     One clean forward; its graph gives the pass-1 gradient ``g`` (no separate
     forward), from which one fused launch makes both ``x_adv = x + eps_adv *
     normalize(g)`` and the probe ``x + xi * normalize(g)``; pass 2 at the probe
     and one fused launch give ``x_max`` (Eq. 15); the penalty is
-    ``mean_i ||grad_x L(x_max_i)||`` by double backpropagation.
+    ``mean_i ||grad_x L(x_max_i)||`` by double backpropagation. ``scaler``: the
+    GradScaler of an fp16 AMP loop (see :func:`ater_ext.energy_reg`).
     """
     op = "ater_loss"
     check_batch(op, x, y)
@@ -145,7 +147,7 @@ def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, e
         g = clean.input_grad(passes, per_sample, y, loss_fn)
         x_adv, probe = ops.dual_normalized_step(x.detach().to(g.dtype), g, eps_adv, xi)
         adv = loss_fn(passes.forward(clamp_to(x_adv, clamp).to(x.dtype), detach_params=False), y)
-        energy = _energy_from_grad(passes, x, y, g, clamp_to(probe, clamp), loss_fn, eps, clamp)
+        energy = _energy_from_grad(passes, x, y, g, clamp_to(probe, clamp), loss_fn, eps, clamp, scaler)
     ce = per_sample.mean()
     loss = ce + adv + lam * energy
     return loss, _stats(loss=loss, ce=ce, adv=adv, energy=energy)
@@ -154,7 +156,7 @@ def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, e
 def vater_loss(model: nn.Module, x_l: Tensor, y_l: Tensor, x_ul: Tensor, *, eps_vat: float = 2.0,
                eps: float = 2.0, lam: float = 0.1, xi: Optional[float] = None, ip: int = 1,
                xi_vat: Optional[float] = None, loss_fn: Optional[LossFn] = None,
-               clamp=None) -> Tuple[Tensor, Stats]:
+               clamp=None, scaler=None) -> Tuple[Tensor, Stats]:
     """VATER, Eq. 12 / Algorithm 2 (semi-supervised):
     ``L(x_l) + VAT(x_l ∪ x_ul) + lam * energy_reg(x_l ∪ x_ul)``.
 
@@ -163,7 +165,8 @@ def vater_loss(model: nn.Module, x_l: Tensor, y_l: Tensor, x_ul: Tensor, *, eps_
     pseudo-label ``argmax p(x)`` at the clean input, detached, for the energy
     term (the paper's ``grad_x f`` is undefined for a vector output; a soft
     self-target would have zero gradient at ``x``). VAT's start direction is
-    ``randn_like(x)``, this function's first random draw.
+    ``randn_like(x)``, this function's first random draw. ``scaler`` as in
+    :func:`ater_loss`.
     """
     op = "vater_loss"
     check_batch(op, x_l, y_l)
@@ -191,7 +194,7 @@ def vater_loss(model: nn.Module, x_l: Tensor, y_l: Tensor, x_ul: Tensor, *, eps_
         vat = _vat_term(passes, x, clean.logits, d, eps_vat=eps_vat, xi_vat=xi_vat, ip=int(ip))
         g = clean.input_grad(passes, per_sample, y, loss_fn)
         probe = clamp_to(ops.normalized_step(x.detach().to(g.dtype), g, xi), clamp)
-        energy = _energy_from_grad(passes, x, y, g, probe, loss_fn, eps, clamp)
+        energy = _energy_from_grad(passes, x, y, g, probe, loss_fn, eps, clamp, scaler)
     ce = per_sample[:n_l].mean()
     loss = ce + vat + lam * energy
     return loss, _stats(loss=loss, ce=ce, vat=vat, energy=energy)
