@@ -1,0 +1,96 @@
+"""DDP (gloo, 2 CPU processes): the objectives through a DistributedDataParallel
+model on two halves of a batch give exactly one process's gradients on the
+whole batch (fp64, no BatchNorm: plain BatchNorm uses each rank's own batch
+statistics, so it cannot match)."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import ater_ext
+from ater_ext import objectives
+
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(),
+                         nn.Linear(16, 4)).double()
+
+
+def make_batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 3, 2, 2, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (8,), generator=g)
+    x_ul = torch.rand(6, 3, 2, 2, generator=g, dtype=torch.float64)
+    return x, y, x_ul
+
+
+def loss_of(name, model, x, y, x_ul):
+    if name == "ater":
+        return objectives.ater_loss(model, x, y, eps_adv=0.5, eps=0.5, lam=0.3)[0]
+    if name == "vater":
+        # ip power iterations start from randn: same draws on every rank and in the reference
+        torch.manual_seed(5)
+        return objectives.vater_loss(model, x, y, x_ul, eps_vat=0.5, eps=0.5, lam=0.3)[0]
+    if name == "energy_reg":
+        # the README's drop-in line: the DDP forward is what makes DDP reduce the gradients
+        return nn.functional.cross_entropy(model(x), y) + 0.3 * ater_ext.energy_reg(model, x, y, eps=0.5)
+    raise ValueError(name)
+
+
+def single_process_grads(name):
+    model = make_model()
+    x, y, x_ul = make_batch()
+    loss_of(name, model, x, y, x_ul).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def worker(rank, port, name, result_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        model = nn.parallel.DistributedDataParallel(make_model())
+        x, y, x_ul = make_batch()
+        half, half_ul = x.shape[0] // WORLD, x_ul.shape[0] // WORLD
+        sl, sl_ul = slice(rank * half, (rank + 1) * half), slice(rank * half_ul, (rank + 1) * half_ul)
+        if name == "vater":
+            # VAT's random start must be the same rows as in the single-process run
+            torch.manual_seed(5)
+            d = torch.randn(x.shape[0] + x_ul.shape[0], *x.shape[1:], dtype=torch.float64)
+            rows = torch.cat([torch.arange(x.shape[0])[sl], x.shape[0] + torch.arange(x_ul.shape[0])[sl_ul]])
+            d_local = d[rows]
+            original_randn_like = torch.randn_like
+            torch.randn_like = lambda t, **kw: d_local.clone()
+            try:
+                loss = objectives.vater_loss(model, x[sl], y[sl], x_ul[sl_ul], eps_vat=0.5, eps=0.5, lam=0.3)[0]
+            finally:
+                torch.randn_like = original_randn_like
+        else:
+            loss = loss_of(name, model, x[sl], y[sl], x_ul[sl_ul])
+        loss.backward()
+        torch.save([p.grad for p in model.module.parameters()], os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["ater", "energy_reg", "vater"])
+def test_ddp_two_halves_equal_one_process(name, tmp_path):
+    mp.start_processes(worker, args=(free_port(), name, str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    # Each rank holds half the labelled and half the unlabelled rows, so every batch
+    # mean splits evenly and DDP's gradient average equals the joint batch's gradient.
+    expected = single_process_grads(name)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
