@@ -17,7 +17,7 @@ export CUDA_HOME FORCE_CUDA
 
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test bench clean
+.PHONY: venv build test demo bench clean
 
 venv: $(DEPS_STAMP)
 
@@ -37,6 +37,10 @@ build: $(BUILD_STAMP)
 
 test: build
 	$(PY) -m pytest python_tests -q
+
+# The README's main command: ERM / AT / ATER on the embedded MNIST subset -> results/demo/
+demo: build
+	$(PY) -m ater_ext.cli.demo --out results/demo
 
 bench: build
 	$(PY) benchmarks/bench_ops.py

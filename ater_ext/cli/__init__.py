@@ -1,0 +1,1 @@
+"""Command-line tools: ``ater-train``, ``ater-eval`` and the demo driver."""

