@@ -94,3 +94,73 @@ def test_ddp_two_halves_equal_one_process(name, tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for e, g in zip(expected, got):
             torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------- SyncBatchNorm
+def make_bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 4)).double()
+
+
+def syncbn_worker(rank, port, result_dir, backend):
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(make_bn_model()).to(device)
+        model = nn.parallel.DistributedDataParallel(module, device_ids=[device.index])
+        x, y, _ = make_batch()
+        half = x.shape[0] // WORLD
+        sl = slice(rank * half, (rank + 1) * half)
+        loss = objectives.ater_loss(model, x[sl].to(device), y[sl].to(device), eps_adv=0.5, eps=0.5, lam=0.3)[0]
+        loss.backward()
+        torch.save([p.grad.cpu() for p in model.module.parameters()], os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's SyncBatchNorm runs only on CUDA")
+def test_syncbn_two_halves_equal_one_process(tmp_path):
+    """With SyncBatchNorm the batch statistics are global, so BatchNorm models match too."""
+    backend = "nccl" if torch.cuda.device_count() >= WORLD else "gloo"  # gloo lets two ranks share one GPU
+    mp.start_processes(syncbn_worker, args=(free_port(), str(tmp_path), backend), nprocs=WORLD, start_method="spawn")
+    model = make_bn_model().cuda()
+    x, y, _ = make_batch()
+    objectives.ater_loss(model, x.cuda(), y.cuda(), eps_adv=0.5, eps=0.5, lam=0.3)[0].backward()
+    expected = [p.grad.cpu() for p in model.parameters()]
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)
+
+
+# ----------------------------------------------------------------- torchrun CLI
+def torchrun(tmp_path, *args, timeout=240):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+           "--master_port", str(free_port()), "-m", "ater_ext.cli.train", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+
+
+def test_torchrun_ater_train_writes_metrics_and_resumes(tmp_path):
+    import json
+
+    common = ["--dataset", "digits", "--model", "lenet", "--method", "ater", "--device", "cpu", "--epochs", "2"]
+    straight = torchrun(tmp_path, *common, "--out", "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    first = torchrun(tmp_path, *common, "--out", "resumed", "--stop-after", "1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = torchrun(tmp_path, *common, "--out", "resumed", "--resume")
+    assert second.returncode == 0, second.stderr[-2000:]
+
+    metrics = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics["epochs"]] == [1, 2]
+    for key in ("train_loss", "train_energy", "test_error", "energy_B", "energy_eps", "seconds"):
+        assert key in metrics["epochs"][-1]
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert a["world_size"] == b["world_size"] == WORLD and len(a["rng"]) == WORLD
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name

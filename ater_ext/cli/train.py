@@ -19,6 +19,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from .. import metrics, objectives
+from . import distributed
 from ..data import DATASETS, Dataset, balanced_label_split, load_dataset
 from ..models import MODELS, build_model, default_model
 from .common import (CliError, float_list, load_checkpoint, log, machine_name, pick_device, positive_float,
@@ -203,16 +204,19 @@ class Trainer:
 
     ENERGY_SAMPLES = 256  # test points for the per-epoch Monte-Carlo energy
 
-    def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1, ddp_wrap=None):
-        self.cfg, self.rank = cfg, rank
+    def __init__(self, cfg: TrainConfig, ctx: distributed.DistContext = distributed.DistContext()):
+        self.cfg, self.ctx, self.rank = cfg, ctx, ctx.rank
         self.device = torch.device(cfg.device)
         self.data = load_dataset(cfg.dataset, cfg.data_dir)
         check_labels(cfg, self.data)
-        seed_everything(cfg.seed)
-        self.module = build_model(cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
-        self.model = ddp_wrap(self.module) if ddp_wrap else self.module
+        seed_everything(cfg.seed)  # the same initial weights on every rank
+        module = build_model(cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
+        self.model = distributed.wrap_model(module, self.device, ctx, cfg.sync_bn)
+        self.module = self.model.module if ctx.enabled else self.model
+        if ctx.enabled:
+            torch.manual_seed(cfg.seed + 1000 * ctx.rank)  # per-rank dropout / VAT draws
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
-        self.streams = Streams(self.data, cfg, rank, world_size)
+        self.streams = Streams(self.data, cfg, ctx.rank, ctx.world_size)
         amp_cuda = cfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if amp_cuda else None
         self.amp_dtype = torch.float16 if amp_cuda else torch.bfloat16
@@ -221,17 +225,18 @@ class Trainer:
     # -- checkpoints
     def checkpoint(self, epoch: int) -> dict:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch,
-                "rng": rng_state(), "config": asdict(self.cfg), "history": self.history,
+                "rng": distributed.gather_objects(rng_state(), self.ctx), "world_size": self.ctx.world_size,
+                "config": asdict(self.cfg), "history": self.history,
                 "best_error": self.best_error,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
 
     def save(self, epoch: int, is_best: bool) -> None:
-        if self.rank != 0:
-            return
-        state = self.checkpoint(epoch)
-        torch.save(state, os.path.join(self.cfg.out, "last.pt"))
-        if is_best:
-            torch.save(state, os.path.join(self.cfg.out, "best.pt"))
+        state = self.checkpoint(epoch)  # every rank takes part (the RNG states are gathered)
+        if self.ctx.is_main:
+            torch.save(state, os.path.join(self.cfg.out, "last.pt"))
+            if is_best:
+                torch.save(state, os.path.join(self.cfg.out, "best.pt"))
+        distributed.barrier(self.ctx)
 
     def resume(self) -> None:
         path = os.path.join(self.cfg.out, "last.pt")
@@ -241,11 +246,14 @@ class Trainer:
         if changed:
             raise CliError(f"--resume: {path} was written with other settings ({', '.join(changed)}); "
                            f"use the same options or another --out")
+        if int(state.get("world_size", 1)) != self.ctx.world_size:
+            raise CliError(f"--resume: {path} was written by {state.get('world_size', 1)} processes, "
+                           f"this run has {self.ctx.world_size}; resume with the same number")
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"][self.ctx.rank])
         self.start_epoch = int(state["epoch"]) + 1
         self.history, self.best_error = list(state["history"]), float(state["best_error"])
 
@@ -277,7 +285,8 @@ class Trainer:
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
-        row = {f"train_{k}": v / steps for k, v in sums.items()}
+        row = distributed.mean_over_ranks({f"train_{k}": v / steps for k, v in sums.items()}, self.ctx,
+                                          self.device)
         row["lr"] = lr
         return row
 
@@ -295,6 +304,8 @@ class Trainer:
         for epoch in range(self.start_epoch, cfg.epochs + 1):
             start = time.perf_counter()
             row = {"epoch": epoch, **self.train_epoch(epoch)}
+            # every rank evaluates the same model on the whole test set (cheap next to training),
+            # so all ranks agree on the best epoch without a broadcast
             row.update(test_error(self.module, self.data.x_test, self.data.y_test, self.device))
             row.update(self.energy_stats())
             row["seconds"] = time.perf_counter() - start
@@ -326,13 +337,19 @@ def check_labels(cfg: TrainConfig, data: Dataset) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
-    if cfg.sync_bn:
-        raise CliError("--sync-bn needs torchrun with GPU processes (PyTorch's SyncBatchNorm runs on CUDA only)")
-    os.makedirs(cfg.out, exist_ok=True)
-    trainer = Trainer(cfg)
-    if args.resume:
-        trainer.resume()
-    trainer.run(stop_after=args.stop_after)
+    device = torch.device(cfg.device)
+    if cfg.sync_bn and device.type != "cuda":
+        raise CliError("--sync-bn: PyTorch's SyncBatchNorm runs only on CUDA modules; drop --sync-bn on CPU")
+    ctx = distributed.init(device)
+    try:
+        cfg.device = str(distributed.rank_device(device, ctx))
+        os.makedirs(cfg.out, exist_ok=True)
+        trainer = Trainer(cfg, ctx)
+        if args.resume:
+            trainer.resume()
+        trainer.run(stop_after=args.stop_after)
+    finally:
+        distributed.shutdown(ctx)
     return 0
 
 
