@@ -51,6 +51,11 @@ def default_xi(dtype: torch.dtype) -> float:
     return 1e-2
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 for fp64 tensors, fp32 otherwise: where losses are subtracted or softmaxed."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def check_positive(op: str, name: str, value: float) -> float:
     """``value`` as a float, or a ValueError naming ``op`` if it is not finite and > 0."""
     value = float(value)
@@ -162,7 +167,8 @@ def penalty_value(passes: ExtraPasses, x_max_: Tensor, y: Tensor, loss_fn: LossF
         x_h = ops.normalized_step(x_max_.detach().to(v.dtype), v, fd_h).to(x_max_.dtype)
         loss_at = loss_fn(passes.penalty_forward(x_max_.detach()), y, reduction="none")
         loss_h = loss_fn(passes.penalty_forward(x_h), y, reduction="none")
-        per_sample = (loss_h.float() - loss_at.float()) / fd_h
+        acc = accumulation_dtype(loss_at.dtype)
+        per_sample = (loss_h.to(acc) - loss_at.to(acc)) / fd_h
     if reduction == "mean":
         return per_sample.mean()
     if reduction == "sum":

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .energy import (check_batch, check_positive, check_trainable, clamp_to, default_xi, fd_x_max,
-                     grad_scale_of, penalty_value, resolve_loss_fn)
+from .energy import (accumulation_dtype, check_batch, check_positive, check_trainable, clamp_to, default_xi,
+                     fd_x_max, grad_scale_of, penalty_value, resolve_loss_fn)
 from .passes import ExtraPasses, LossFn, capture_rng_state
 
 __all__ = ["erm_loss", "at_loss", "vat_loss", "ater_loss", "vater_loss"]
@@ -61,16 +61,17 @@ def _vat_term(passes: ExtraPasses, x: Tensor, clean_logits: Tensor, d: Tensor, *
               xi_vat: float, ip: int) -> Tensor:
     """``KL(p(x) || p(x + r_vat))`` (batch mean), ``p(x)`` detached, ``r_vat`` from
     ``ip`` power iterations starting at direction ``d`` (Miyato et al.)."""
-    log_p = F.log_softmax(clean_logits.detach().float(), dim=1)
+    acc = accumulation_dtype(clean_logits.dtype)
+    log_p = F.log_softmax(clean_logits.detach().to(acc), dim=1)
     x0 = x.detach()
     for _ in range(ip):
         x_r = ops.normalized_step(x0, d, xi_vat).requires_grad_(True)
         with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-            log_q = F.log_softmax(passes.forward(x_r, detach_params=True).float(), dim=1)
+            log_q = F.log_softmax(passes.forward(x_r, detach_params=True).to(acc), dim=1)
             kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
             (d,) = torch.autograd.grad(kl, x_r)
     x_vat = ops.normalized_step(x0, d, eps_vat)
-    log_q = F.log_softmax(passes.forward(x_vat, detach_params=False).float(), dim=1)
+    log_q = F.log_softmax(passes.forward(x_vat, detach_params=False).to(acc), dim=1)
     return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
 

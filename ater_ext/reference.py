@@ -40,7 +40,8 @@ def normalize(v: torch.Tensor) -> torch.Tensor:
     """v / ||v|| per row, in the accumulation dtype, shape [B, D]; zero rows stay 0."""
     scaled, _, s = _scaled_rows(v)
     root = s.sqrt()
-    return torch.where(root[:, None] > 0, scaled / torch.where(root > 0, root, 1.0)[:, None], 0.0)
+    # Zero rows -> 0; NaN/Inf rows propagate NaN (root is NaN there).
+    return torch.where(root[:, None] == 0, 0.0, scaled / torch.where(root == 0, 1.0, root)[:, None])
 
 
 def row_norm(g: torch.Tensor) -> torch.Tensor:
@@ -76,3 +77,389 @@ def fd_direction(x: torch.Tensor, g0: torch.Tensor, g1: torch.Tensor, eps: float
     """x + eps * normalize(g1 - g0), the difference taken in the accumulation dtype (Eq. 15)."""
     diff = _rows(g1) - _rows(g0)
     return _step(x, normalize(diff), eps)
+
+
+# =============================================================================
+# Reference of the energy regulariser and the training objectives (SPEC.md §1)
+# =============================================================================
+#
+# Plain autograd, written to be read next to the paper, not to be fast. Every
+# extra pass (probe passes, x_max pass, adversarial and VAT passes) runs through
+# ``torch.func.functional_call`` with the model's own parameters and *clones* of
+# its buffers, so BatchNorm in train mode uses batch statistics but its running
+# statistics are never touched; only the clean forward (a plain ``model(x)``)
+# updates them. Randomness (dropout): the energy passes all start from the same
+# RNG state, captured on entry (or handed in as ``rng_state``).
+
+import math  # noqa: E402
+from typing import Callable, Dict, Optional, Tuple  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+__all__ += [
+    "default_xi",
+    "ref_x_max",
+    "ref_energy_reg",
+    "ref_erm_loss",
+    "ref_at_loss",
+    "ref_vat_loss",
+    "ref_ater_loss",
+    "ref_vater_loss",
+]
+
+
+def default_xi(dtype: torch.dtype) -> float:
+    """The SPEC's dtype rule for ``xi`` (and ``xi_vat``): 1e-6 fp64, 1e-3 fp32, 1e-2 fp16/bf16."""
+    if dtype == torch.float64:
+        return 1e-6
+    if dtype == torch.float32:
+        return 1e-3
+    return 1e-2
+
+
+def _check_positive(name: str, what: str, v: float) -> float:
+    v = float(v)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name}: {what} must be finite and > 0, got {v}")
+    return v
+
+
+# ------------------------------------------------------------------ RNG state
+def _get_rng(device: torch.device):
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return (cpu, cuda)
+
+
+def _set_rng(state, device: torch.device) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
+
+
+# ------------------------------------------------------------- model passes
+def _forward_side(model: torch.nn.Module, x: torch.Tensor, *, params_differentiable: bool) -> torch.Tensor:
+    """``model(x)`` in the model's current mode without touching its buffers.
+
+    Buffers are cloned, so a train-mode BatchNorm normalises with the batch
+    statistics and updates only the clones. With ``params_differentiable`` the
+    output is differentiable with respect to the model's parameters; without,
+    the parameters enter as constants (input-gradient passes).
+    """
+    tensors: Dict[str, torch.Tensor] = {}
+    for n, p in model.named_parameters():
+        tensors[n] = p if params_differentiable else p.detach()
+    for n, b in model.named_buffers():
+        tensors[n] = b.clone()
+    return torch.func.functional_call(model, tensors, (x,))
+
+
+def _loss_fn(loss_fn: Optional[Callable]) -> Callable:
+    return F.cross_entropy if loss_fn is None else loss_fn
+
+
+def _input_grad(model, x, y, loss_fn, *, create_graph: bool = False):
+    """``grad_x sum_i L(x_i, y_i)`` at a detached copy of ``x`` (and that copy)."""
+    xr = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(_forward_side(model, xr, params_differentiable=False), y, reduction="sum")
+        (g,) = torch.autograd.grad(loss, xr, create_graph=create_graph)
+    return g, xr
+
+
+def _move(x: torch.Tensor, direction: torch.Tensor, scale: float, clamp) -> torch.Tensor:
+    """``x + scale * normalize(direction)`` (then clamped to ``clamp``), a constant."""
+    out = _step(x.detach(), normalize(direction), scale)
+    if clamp is not None:
+        out = out.clamp(clamp[0], clamp[1])
+    return out.detach()
+
+
+def ref_x_max(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float = 2.0,
+    xi: Optional[float] = None,
+    loss_fn: Optional[Callable] = None,
+    grad_x: Optional[torch.Tensor] = None,
+    direction: str = "fd",
+    clamp: Optional[Tuple[float, float]] = None,
+    rng_state=None,
+) -> torch.Tensor:
+    """The point where the input-gradient norm grows fastest (Eq. 14, 15).
+
+    ``g = grad_x sum_i L(x_i, y_i)`` (pass 1; or ``grad_x`` if given), then
+
+    * ``direction="fd"`` (Eq. 15, probe normalised as SPEC §1 pins it)::
+
+          probe = x + xi * normalize(g)
+          g2    = grad_x sum_i L(probe_i, y_i)                      (pass 2)
+          x_max = x + eps * normalize(g2 - g)
+
+    * ``direction="hvp"`` (Eq. 14, exact)::
+
+          x_max = x + eps * normalize(H(x) normalize(g)),  H(x) v = grad_x (g . v)
+
+    ``clamp=(lo, hi)`` clamps ``probe`` and ``x_max``. ``x_max`` is detached.
+    Every pass starts from the same RNG state (``rng_state``, else the state on
+    entry); on return the RNG is left as after pass 1 (as on entry if there is
+    no pass 1 here). Buffers and mode are untouched.
+    """
+    loss_fn = _loss_fn(loss_fn)
+    eps = _check_positive("ref_x_max", "eps", eps)
+    xi = _check_positive("ref_x_max", "xi", default_xi(x.dtype) if xi is None else xi)
+    if direction not in ("fd", "hvp"):
+        raise ValueError(f"ref_x_max: direction must be 'fd' or 'hvp', got {direction!r}")
+    dev = x.device
+    start = _get_rng(dev) if rng_state is None else rng_state
+    _set_rng(start, dev)
+
+    if direction == "hvp":
+        g, xr = _input_grad(model, x, y, loss_fn, create_graph=True)
+        after_pass1 = _get_rng(dev)
+        u = g if grad_x is None else grad_x  # g := grad_x when the caller gives it
+        v = normalize(u).reshape(g.shape).to(g.dtype).detach()
+        (hv,) = torch.autograd.grad((g * v).sum(), xr)
+        out = _move(x, hv, eps, clamp)
+        _set_rng(after_pass1, dev)
+        return out
+
+    if grad_x is None:
+        g, _ = _input_grad(model, x, y, loss_fn)
+        after_pass1 = _get_rng(dev)
+    else:
+        g = grad_x.detach()
+        after_pass1 = _get_rng(dev) if rng_state is None else None
+    probe = _move(x, g, xi, clamp)
+    _set_rng(start, dev)
+    g2, _ = _input_grad(model, probe, y, loss_fn)
+    diff = _rows(g2) - _rows(g)  # in the accumulation dtype
+    out = _move(x, diff, eps, clamp)
+    if after_pass1 is not None:
+        _set_rng(after_pass1, dev)
+    return out
+
+
+def ref_energy_reg(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float = 2.0,
+    xi: Optional[float] = None,
+    loss_fn: Optional[Callable] = None,
+    grad_x: Optional[torch.Tensor] = None,
+    direction: str = "fd",
+    penalty: str = "exact",
+    clamp: Optional[Tuple[float, float]] = None,
+    reduction: str = "mean",
+    fd_h: float = 1e-2,
+    rng_state=None,
+) -> torch.Tensor:
+    """The energy regulariser of Eq. 11: ``mean_i ||grad_x L(x_max_i, y_i)||``.
+
+    ``x_max`` as in :func:`ref_x_max` (a constant). Then
+
+    * ``penalty="exact"``: ``||grad_x L(x_max_i)||`` with ``create_graph=True``
+      (double backpropagation), differentiable with respect to the parameters.
+    * ``penalty="fd"``: ``(L(x_max_i + h v_i) - L(x_max_i)) / h`` with
+      ``v = normalize(grad_x L(x_max))`` detached and ``h = fd_h``.
+
+    ``reduction``: ``"mean"`` / ``"sum"`` over the batch, or ``"none"`` ([B]).
+    The penalty passes start from the same RNG state as the probe passes.
+    """
+    if penalty not in ("exact", "fd"):
+        raise ValueError(f"ref_energy_reg: penalty must be 'exact' or 'fd', got {penalty!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"ref_energy_reg: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    fd_h = _check_positive("ref_energy_reg", "fd_h", fd_h)
+    loss_fn = _loss_fn(loss_fn)
+    dev = x.device
+    start = _get_rng(dev) if rng_state is None else rng_state
+    _set_rng(start, dev)
+    xm = ref_x_max(model, x, y, eps=eps, xi=xi, loss_fn=loss_fn, grad_x=grad_x, direction=direction,
+                   clamp=clamp, rng_state=start)
+    after = _get_rng(dev)
+
+    with torch.enable_grad():
+        if penalty == "exact":
+            xr = xm.detach().requires_grad_(True)
+            _set_rng(start, dev)
+            loss = loss_fn(_forward_side(model, xr, params_differentiable=True), y, reduction="sum")
+            (gm,) = torch.autograd.grad(loss, xr, create_graph=True)
+            per_sample = row_norm(gm)
+        else:
+            xr = xm.detach().requires_grad_(True)
+            _set_rng(start, dev)
+            l0 = loss_fn(_forward_side(model, xr, params_differentiable=True), y, reduction="none")
+            (gm,) = torch.autograd.grad(l0.sum(), xr, retain_graph=True)
+            x_h = _step(xm, normalize(gm), fd_h).detach()  # x_max + h * v, v a constant
+            _set_rng(start, dev)
+            l1 = loss_fn(_forward_side(model, x_h, params_differentiable=True), y, reduction="none")
+            per_sample = (l1 - l0) / fd_h
+    _set_rng(after, dev)
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample
+
+
+# -------------------------------------------------------------- objectives
+# RNG rule of the objectives: every extra pass (adversarial, VAT, probe,
+# penalty) starts from the RNG state of the clean forward, so a dropout model
+# sees the clean forward's masks in all of them; on return the RNG is left as
+# after the clean forward.
+
+def ref_erm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """ERM: ``mean_i CE(f(x_i), y_i)`` (the clean forward updates BatchNorm's running statistics)."""
+    return F.cross_entropy(model(x), y)
+
+
+def _clean_pass(model, x, y_or_none):
+    """The clean forward (the only pass that updates buffers): ``(logits, start, after)``
+    with ``start``/``after`` the RNG states before and after it."""
+    start = _get_rng(x.device)
+    xr = x.detach().requires_grad_(True)
+    logits = model(xr)
+    after = _get_rng(x.device)
+    return xr, logits, start, after
+
+
+def _side(model, x, rng, *, params_differentiable: bool) -> torch.Tensor:
+    """An extra pass from RNG state ``rng`` (see :func:`_forward_side`)."""
+    _set_rng(rng, x.device)
+    return _forward_side(model, x, params_differentiable=params_differentiable)
+
+
+def ref_at_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps_adv: float = 2.0) -> torch.Tensor:
+    """AT (L2, one step): ``L(x) + L(x_adv)``, ``x_adv = x + eps_adv * normalize(grad_x sum_i L(x_i))``.
+
+    Both terms are batch means of the cross-entropy; ``x_adv`` is a constant.
+    """
+    xr, logits, start, after = _clean_pass(model, x, y)
+    (g,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), xr, retain_graph=True)
+    x_adv = _move(x, g, eps_adv, None)
+    adv = _side(model, x_adv, start, params_differentiable=True)
+    _set_rng(after, x.device)
+    return F.cross_entropy(logits, y) + F.cross_entropy(adv, y)
+
+
+def _kl_batchmean(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """``mean_i KL(p_i || q_i) = mean_i sum_c p_ic (log p_ic - log q_ic)``."""
+    logp = F.log_softmax(p_logits, dim=1)
+    logq = F.log_softmax(q_logits, dim=1)
+    return (logp.exp() * (logp - logq)).sum(dim=1).mean()
+
+
+def _vat_term(model, x, p_logits, rng, *, eps_vat, xi_vat, ip, d0):
+    """``KL(p(x) || p(x + r_vat))`` with ``p(x)`` (``p_logits``) a constant.
+
+    Power iteration (Miyato et al.): ``d <- grad_r KL(p(x) || p(x + r))`` at
+    ``r = xi_vat * normalize(d)``, ``ip`` times from ``d = d0``; then
+    ``r_vat = eps_vat * normalize(d)``. Every pass starts from RNG state ``rng``.
+    """
+    p_logits = p_logits.detach()
+    d = d0
+    for _ in range(ip):
+        r = (xi_vat * normalize(d)).reshape(x.shape).to(x.dtype).requires_grad_(True)
+        with torch.enable_grad():
+            kl = _kl_batchmean(p_logits, _side(model, x.detach() + r, rng, params_differentiable=False))
+            (d,) = torch.autograd.grad(kl, r)
+    x_vat = _move(x, d, eps_vat, None)
+    return _kl_batchmean(p_logits, _side(model, x_vat, rng, params_differentiable=True))
+
+
+def ref_vat_loss(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    *,
+    eps_vat: float = 2.0,
+    xi_vat: Optional[float] = None,
+    ip: int = 1,
+    d0: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The VAT term alone: ``mean_i KL(p(x_i) || p(x_i + r_vat_i))``, ``p(x)`` detached.
+
+    ``d0`` is the power iteration's start (``torch.randn_like(x)``, drawn first,
+    if not given). ``xi_vat=None`` follows :func:`default_xi`. A term to add to
+    a loss that has its own clean forward: ``p(x)`` comes from an extra pass,
+    so the BatchNorm buffers are not updated here.
+    """
+    xi_vat = default_xi(x.dtype) if xi_vat is None else float(xi_vat)
+    if d0 is None:
+        d0 = torch.randn_like(x)
+    start = _get_rng(x.device)
+    with torch.no_grad():
+        p_logits = _side(model, x, start, params_differentiable=False)
+    after = _get_rng(x.device)
+    out = _vat_term(model, x, p_logits, start, eps_vat=eps_vat, xi_vat=xi_vat, ip=ip, d0=d0)
+    _set_rng(after, x.device)
+    return out
+
+
+def ref_ater_loss(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps_adv: float = 2.0,
+    eps: float = 2.0,
+    lam: float = 0.1,
+    xi: Optional[float] = None,
+) -> torch.Tensor:
+    """ATER, Eq. 11 / Algorithm 1: ``L(x) + L(x_adv) + lam * energy_reg(x)``.
+
+    One pass-1 gradient ``g`` (from the clean forward) serves
+    ``x_adv = x + eps_adv * normalize(g)`` and the probe ``x + xi * normalize(g)``.
+    """
+    xr, logits, start, after = _clean_pass(model, x, y)
+    (g,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), xr, retain_graph=True)
+    x_adv = _move(x, g, eps_adv, None)
+    adv = _side(model, x_adv, start, params_differentiable=True)
+    reg = ref_energy_reg(model, x, y, eps=eps, xi=xi, grad_x=g, rng_state=start)
+    _set_rng(after, x.device)
+    return F.cross_entropy(logits, y) + F.cross_entropy(adv, y) + lam * reg
+
+
+def ref_vater_loss(
+    model: torch.nn.Module,
+    x_l: torch.Tensor,
+    y_l: torch.Tensor,
+    x_ul: torch.Tensor,
+    *,
+    eps_vat: float = 2.0,
+    eps: float = 2.0,
+    lam: float = 0.1,
+    xi: Optional[float] = None,
+    ip: int = 1,
+    xi_vat: Optional[float] = None,
+    d0: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """VATER, Eq. 12 / Algorithm 2 (semi-supervised)::
+
+        L(x_l) + VAT(x_l ∪ x_ul) + lam * energy_reg(x_l ∪ x_ul, y_l ∪ argmax p(x_ul))
+
+    One clean forward of the joint batch ``x = cat(x_l, x_ul)`` gives the
+    labelled loss, the VAT target ``p(x)`` (detached), the pseudo-labels of the
+    unlabelled rows (argmax at the clean input, detached) and pass 1's ``g``.
+    ``xi`` is the energy probe distance, ``xi_vat`` the power-iteration step
+    (both ``None``: the dtype rule). ``d0`` defaults to ``torch.randn_like(x)``,
+    drawn first.
+    """
+    x = torch.cat([x_l, x_ul], dim=0)
+    if d0 is None:
+        d0 = torch.randn_like(x)
+    n_l = x_l.shape[0]
+    xi_vat = default_xi(x.dtype) if xi_vat is None else float(xi_vat)
+    xr, logits, start, after = _clean_pass(model, x, None)
+    y = torch.cat([y_l, logits[n_l:].detach().argmax(dim=1)], dim=0)
+    (g,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), xr, retain_graph=True)
+    sup = F.cross_entropy(logits[:n_l], y_l)
+    vat = _vat_term(model, x, logits, start, eps_vat=eps_vat, xi_vat=xi_vat, ip=ip, d0=d0)
+    reg = ref_energy_reg(model, x, y, eps=eps, xi=xi, grad_x=g, rng_state=start)
+    _set_rng(after, x.device)
+    return sup + vat + lam * reg
