@@ -81,6 +81,14 @@ def machine_name() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
+def spread_subset(n_total: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Indices of a fixed random subset of size ``n`` (test sets are often sorted by class,
+    so their first ``n`` samples are not representative)."""
+    if n >= n_total:
+        return torch.arange(n_total)
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
 def rng_state() -> Dict[str, object]:
     """Every RNG a training run draws from, as tensors (loadable with weights_only=True)."""
     state: Dict[str, object] = {"torch": torch.get_rng_state()}

@@ -26,9 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=os.path.join("results", "demo"), help="output directory")
     p.add_argument("--methods", default="erm,at,ater", help="methods to train and compare")
-    p.add_argument("--epochs", type=int, default=6, help="training epochs per method (paper: 100+)")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs per method (paper: 100+)")
     p.add_argument("--dataset", default="mnist-5k", help="dataset (must need no download)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on a fixed subset of N test images")
     return p
 
 

@@ -20,7 +20,7 @@ from .. import attacks, metrics
 from ..data import load_dataset
 from ..models import build_model
 from .common import (CliError, float_list, load_checkpoint, machine_name, pick_device, positive_float, run_cli,
-                     write_csv, write_json)
+                     spread_subset, write_csv, write_json)
 from .plots import plot_robustness
 
 ATTACKS = {"fgsm": attacks.fgsm, "pgd-l2": attacks.pgd_l2, "pgd-linf": attacks.pgd_linf}
@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linf-eps-list", type=float_list, default=float_list(DEFAULT_LINF_EPS),
                    help="perturbation sizes of the L-inf attacks (fgsm, pgd-linf)")
     p.add_argument("--steps", type=int, default=10, help="PGD iterations")
-    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test samples (default: all)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate on a fixed random subset of N test samples (default: all)")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
     p.add_argument("--energy-samples", type=int, default=16, help="Monte-Carlo samples per point for the energy")
     p.add_argument("--energy-eps", type=positive_float, default=None, help="energy radius (default: the checkpoint's --eps)")
@@ -85,7 +86,8 @@ def evaluate_checkpoint(path: str, args, attack_names: List[str], device) -> Dic
         state["config"]["data_dir"] = args.data_dir
     model, data = load_model(state, device)
     n = len(data.x_test) if args.limit is None else min(args.limit, len(data.x_test))
-    x, y = data.x_test[:n], data.y_test[:n]
+    idx = spread_subset(len(data.x_test), n)  # a fixed subset that spans the classes
+    x, y = data.x_test[idx], data.y_test[idx]
     cfg = state["config"]
     result: Dict[str, object] = {"checkpoint": path, "method": cfg["method"], "dataset": cfg["dataset"],
                                  "model": cfg["model"], "epoch": int(state["epoch"]), "n_test": n}
@@ -98,7 +100,7 @@ def evaluate_checkpoint(path: str, args, attack_names: List[str], device) -> Dic
         curves.setdefault(attack, []).append({"eps": eps, "accuracy": acc})
     result["attacks"] = curves
     energy_eps = args.energy_eps or float(cfg["eps"])
-    m = min(n, 500)
+    m = min(n, 500)  # x is already a spread subset, so its first m samples span the classes
     gen = torch.Generator(device=device).manual_seed(0)
     energy = metrics.energy(model, x[:m].to(device), y[:m].to(device), energy_eps,
                             n_samples=args.energy_samples, generator=gen)

@@ -23,7 +23,7 @@ from . import distributed
 from ..data import DATASETS, Dataset, balanced_label_split, load_dataset
 from ..models import MODELS, build_model, default_model
 from .common import (CliError, float_list, load_checkpoint, log, machine_name, pick_device, positive_float,
-                     rng_state, run_cli, seed_everything, set_rng_state, write_csv, write_json)
+                     rng_state, run_cli, seed_everything, set_rng_state, spread_subset, write_csv, write_json)
 
 METHODS = ("erm", "at", "vat", "ater", "vater")
 SEMI_SUPERVISED = ("vat", "vater")
@@ -292,9 +292,9 @@ class Trainer:
 
     def energy_stats(self) -> Dict[str, float]:
         """Monte-Carlo energy (E_B / Vol(B), E_eps) at radius eps on a fixed test subset."""
-        n = min(self.ENERGY_SAMPLES, len(self.data.x_test))
-        x = self.data.x_test[:n].to(self.device)
-        y = self.data.y_test[:n].to(self.device)
+        idx = spread_subset(len(self.data.x_test), self.ENERGY_SAMPLES)
+        x = self.data.x_test[idx].to(self.device)
+        y = self.data.y_test[idx].to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         result = metrics.energy(self.module, x, y, self.cfg.eps, n_samples=4, generator=gen)
         return {"energy_B": float(result["E_B"]), "energy_eps": float(result["E_eps"])}
