@@ -28,10 +28,18 @@ def run_cli(prog: str, main: Callable[[Optional[Sequence[str]]], int], argv=None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return main(argv)
-    except (CliError, DataError, ValueError, FileNotFoundError) as exc:
+    except (CliError, DataError, ValueError, OSError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {text}")
+    return value
 
 
 def positive_float(text: str) -> float:
@@ -103,14 +111,21 @@ def set_rng_state(state: Dict[str, object]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "rng", "config", "history", "best_error")
+
+
 def load_checkpoint(path: str) -> dict:
     """A checkpoint written by ater-train; weights_only=True, so a file from elsewhere cannot run code."""
     if not os.path.isfile(path):
         raise CliError(f"checkpoint {path} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign file
         raise CliError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CliError(f"{path} is not an ater-train checkpoint (missing {', '.join(missing)})")
+    return state
 
 
 def write_json(path: str, obj) -> None:

@@ -19,8 +19,8 @@ from tqdm import tqdm
 from .. import attacks, metrics
 from ..data import load_dataset
 from ..models import build_model
-from .common import (CliError, float_list, load_checkpoint, machine_name, pick_device, positive_float, run_cli,
-                     spread_subset, write_csv, write_json)
+from .common import (CliError, float_list, load_checkpoint, machine_name, pick_device, positive_float, positive_int,
+                     run_cli, spread_subset, write_csv, write_json)
 from .plots import plot_robustness
 
 ATTACKS = {"fgsm": attacks.fgsm, "pgd-l2": attacks.pgd_l2, "pgd-linf": attacks.pgd_linf}
@@ -38,11 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perturbation sizes of the L2 attack (pgd-l2)")
     p.add_argument("--linf-eps-list", type=float_list, default=float_list(DEFAULT_LINF_EPS),
                    help="perturbation sizes of the L-inf attacks (fgsm, pgd-linf)")
-    p.add_argument("--steps", type=int, default=10, help="PGD iterations")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--steps", type=positive_int, default=10, help="PGD iterations")
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="evaluate on a fixed random subset of N test samples (default: all)")
-    p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
-    p.add_argument("--energy-samples", type=int, default=16, help="Monte-Carlo samples per point for the energy")
+    p.add_argument("--batch-size", type=positive_int, default=500, help="evaluation batch size")
+    p.add_argument("--energy-samples", type=positive_int, default=16, help="Monte-Carlo samples per point for the energy")
     p.add_argument("--energy-eps", type=positive_float, default=None, help="energy radius (default: the checkpoint's --eps)")
     p.add_argument("--data-dir", default=None, help="dataset root, when it differs from the checkpoint's")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")

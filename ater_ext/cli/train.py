@@ -23,7 +23,7 @@ from . import distributed
 from ..data import DATASETS, Dataset, balanced_label_split, load_dataset
 from ..models import MODELS, build_model, default_model
 from .common import (CliError, float_list, load_checkpoint, log, machine_name, pick_device, positive_float,
-                     rng_state, run_cli, seed_everything, set_rng_state, spread_subset, write_csv, write_json)
+                     positive_int, rng_state, run_cli, seed_everything, set_rng_state, spread_subset, write_csv, write_json)
 
 METHODS = ("erm", "at", "vat", "ater", "vater")
 SEMI_SUPERVISED = ("vat", "vater")
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun on GPUs)")
     p.add_argument("--out", default=None, help="output directory (default: results/<method>-<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+    p.add_argument("--stop-after", type=positive_int, default=None, metavar="N",
                    help="stop after epoch N as if interrupted (checkpoints written; --resume continues)")
     return p
 
@@ -343,8 +343,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ctx = distributed.init(device)
     try:
         cfg.device = str(distributed.rank_device(device, ctx))
+        trainer = Trainer(cfg, ctx)  # loads the data first: a data error leaves no empty --out behind
         os.makedirs(cfg.out, exist_ok=True)
-        trainer = Trainer(cfg, ctx)
         if args.resume:
             trainer.resume()
         trainer.run(stop_after=args.stop_after)
