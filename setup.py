@@ -48,8 +48,11 @@ def extension():
     sources = [os.path.relpath(p, HERE) for p in
                sorted(glob.glob(os.path.join(HERE, "csrc", "*.cpp")) +
                       glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))]
-    cxx_flags = ["-O3", f'-DATER_EXT_CPU_ISA="{isa}"'] + CPU_ISA_FLAGS[isa]
-    kwargs = dict(name="ater_ext._C", include_dirs=[os.path.join(HERE, "csrc")])
+    # at::parallel_for is header code: without OpenMP here it silently runs on one thread.
+    # (-fopenmp links libgomp.so.1, the same soname as the libgomp torch ships and loads first.)
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() and platform.system() == "Linux" else []
+    cxx_flags = ["-O3", f'-DATER_EXT_CPU_ISA="{isa}"'] + CPU_ISA_FLAGS[isa] + openmp
+    kwargs = dict(name="ater_ext._C", include_dirs=[os.path.join(HERE, "csrc")], extra_link_args=openmp)
     if with_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += [os.path.relpath(p, HERE) for p in sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))]

@@ -162,10 +162,11 @@ RowScale<typename Row::acc_t> row_scale(const Row& row, int64_t D) {
   return {true, m, acc_t(1) / root, m * root};
 }
 
-// Writes out_k = x + scales[k] * u for K outputs from one read of the row.
-template <int K, typename Row, typename scalar_t>
-void write_steps(const Row& row, const scalar_t* x, scalar_t* const* outs,
-                 const double* scales, const RowScale<typename Row::acc_t>& rs, int64_t D) {
+// Writes out_k = x + scales[k] * u for K outputs from one read of the row,
+// u_i = (kSlow ? v_i / divisor : v_i) * multiplier.
+template <bool kSlow, int K, typename Row, typename scalar_t>
+void write_steps(const Row& row, const scalar_t* x, scalar_t* const* outs, const double* scales,
+                 const RowScale<typename Row::acc_t>& rs, int64_t D) {
   using Chunk = typename Row::Chunk;
   using acc_t = typename Row::acc_t;
   using AVec = typename Chunk::AVec;
@@ -181,7 +182,8 @@ void write_steps(const Row& row, const scalar_t* x, scalar_t* const* outs,
     Chunk u = row.chunk(i);
     const Chunk xc = Chunk::load(x + i);
     for (int p = 0; p < Chunk::kParts; ++p) {
-      u.part[p] = (rs.slow ? u.part[p] / div : u.part[p]) * mul;
+      if constexpr (kSlow) u.part[p] = u.part[p] / div;
+      u.part[p] = u.part[p] * mul;
     }
     for (int k = 0; k < K; ++k) {
       Chunk o;
@@ -191,7 +193,7 @@ void write_steps(const Row& row, const scalar_t* x, scalar_t* const* outs,
   }
   for (; i < D; ++i) {
     const acc_t v = row.at(i);
-    const acc_t u = (rs.slow ? v / rs.divisor : v) * rs.multiplier;
+    const acc_t u = (kSlow ? v / rs.divisor : v) * rs.multiplier;
     for (int k = 0; k < K; ++k) {
       outs[k][i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) + scale_s[k] * u);
     }
@@ -216,7 +218,11 @@ void steps_kernel(const at::Tensor& x, std::array<at::Tensor, K>& outs,
       const auto row = make_row(b * D);
       const auto rs = row_scale(row, D);
       for (int k = 0; k < K; ++k) row_out[k] = out_ptr[k] + b * D;
-      write_steps<K>(row, x_ptr + b * D, row_out.data(), scales.data(), rs, D);
+      if (rs.slow) {
+        write_steps<true, K>(row, x_ptr + b * D, row_out.data(), scales.data(), rs, D);
+      } else {
+        write_steps<false, K>(row, x_ptr + b * D, row_out.data(), scales.data(), rs, D);
+      }
     }
   });
 }
