@@ -29,6 +29,7 @@ import logging
 import os
 import platform
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -47,7 +48,7 @@ SHAPES = ((128, 784), (256, 3072), (1024, 3072), (4096, 3072))
 CUDA_ONLY_SHAPES = ((8192, 3072),)
 QUICK_SHAPES = SHAPES[:2]
 DTYPES = (torch.float32, torch.bfloat16)
-MIN_RUN_TIME_S = {"full": 0.3, "quick": 0.02}
+MIN_RUN_TIME_S = {"full": 0.5, "quick": 0.02}  # full: ~3 min on 2 CPU cores
 
 # Tolerances against the oracle. fp32: a few ulps of results of order 1.
 # bf16, relative to the magnitudes |x| + |out| of the sum: the fused op and the
@@ -61,6 +62,7 @@ BF16_EAGER_REL_TOL = 6 * 2.0**-8
 
 COMPARED = ("eager", "compiled", "two_calls")  # speedup of fused over each of these
 BANDWIDTH_VARIANTS = ("fused", "fused_out", "copy_same_bytes", "clone_same_bytes")
+BUSY_CPUS = 0.2  # warn when other processes used more CPUs than this while a case was timed
 
 
 # ------------------------------------------------------ what a user would write
@@ -171,18 +173,34 @@ def assert_matches_reference(label: str, got: Any, want: Any, x: Tensor, bf16_re
         g32, w32 = g.float(), w.float()
         err = (g32 - w32).abs()
         bound = bf16_rel_tol * (x.float().abs() + w32.abs())
-        ok = err <= bound  # False for NaN
-        assert bool(ok.all()), f"{what}: {int((~ok).sum())} elements off; worst |err| / bound = {float((err / bound).nan_to_num(float('inf')).max()):.3g}"
+        bad = ~(err <= bound)  # NaN fails too
+        assert not bool(bad.any()), (f"{what}: {int(bad.sum())} of {bad.numel()} elements off by more than"
+                                     f" {bf16_rel_tol:.3g} x (|x| + |out|); worst |err| {float(err.max()):.3g}")
 
 
-def median_seconds(fn: Callable[[], Any], min_run_time: float) -> float:
-    """Median seconds per call of ``fn`` over ``blocked_autorange`` blocks, at the process's thread count."""
+def cpu_snapshot() -> Tuple[float, float, float]:
+    """(wall seconds, CPU-seconds the whole machine has been busy, CPU-seconds of this process)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait; steal counts as busy
+    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), time.process_time()
+
+
+def others_cpus(start: Tuple[float, float, float]) -> float:
+    """Mean number of CPUs that other processes kept busy since ``start = cpu_snapshot()``."""
+    wall, busy, own = (b - a for a, b in zip(start, cpu_snapshot()))
+    return max(0.0, (busy - own) / wall)
+
+
+def measure(fn: Callable[[], Any], min_run_time: float) -> tbench.Measurement:
+    """``blocked_autorange`` of ``fn`` at the process's thread count (Timer's default is 1 thread)."""
     timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+    return timer.blocked_autorange(min_run_time=min_run_time)
 
 
-def summarise(spec: OpSpec, shape: Sequence[int], dtype: torch.dtype, nbytes: int, times: Dict[str, float]) -> dict:
-    """One row of the results table: medians, speedups of fused, bandwidths and their ratios."""
+def summarise(spec: OpSpec, shape: Sequence[int], dtype: torch.dtype, nbytes: int,
+              measurements: Dict[str, tbench.Measurement]) -> dict:
+    """One row of the results table: medians (and IQRs), speedups of fused, bandwidths and their ratios."""
+    times = {k: m.median for k, m in measurements.items()}
     gbps = {k: nbytes / times[k] / 1e9 for k in BANDWIDTH_VARIANTS if k in times}
     ratio = lambda a, b: gbps[a] / gbps[b] if a in gbps and b in gbps else None  # noqa: E731
     return {
@@ -192,6 +210,7 @@ def summarise(spec: OpSpec, shape: Sequence[int], dtype: torch.dtype, nbytes: in
         "tensor_sizes_moved": spec.traffic,
         "bytes": nbytes,
         "median_s": times,
+        "iqr_s": {k: m.iqr for k, m in measurements.items()},
         "speedup_of_fused": {k: times[k] / times["fused"] for k in COMPARED if k in times},
         "gbps": gbps,
         "fused_out_vs_copy": ratio("fused_out", "copy_same_bytes"),
@@ -210,9 +229,10 @@ def run_case(spec: OpSpec, shape: Sequence[int], dtype: torch.dtype, device: str
         tol = BF16_EAGER_REL_TOL if name == "eager" else BF16_REL_TOL
         assert_matches_reference(f"{label} {name}", fn(), want, tensors[0], tol)
     variants.update(same_bytes_baselines(tensors[0], spec.traffic))
-    times = {name: median_seconds(fn, min_run_time) for name, fn in variants.items()}
+    start = cpu_snapshot()
+    measurements = {name: measure(fn, min_run_time) for name, fn in variants.items()}
     nbytes = spec.traffic * tensors[0].numel() * tensors[0].element_size()
-    return summarise(spec, shape, dtype, nbytes, times)
+    return {**summarise(spec, shape, dtype, nbytes, measurements), "others_cpus": others_cpus(start)}
 
 
 # ------------------------------------------------------------------ targets
@@ -252,29 +272,30 @@ def evaluate_targets(rows: List[dict], device: str) -> List[dict]:
         value = metric(row) if row is not None else None
         status = "NOT MEASURED" if value is None else ("PASS" if value >= t.threshold else "FAIL")
         verdicts.append({"op": t.op, "shape": list(t.shape), "dtype": t.dtype, "metric": description,
-                         "threshold": t.threshold, "value": value, "status": status})
+                         "threshold": t.threshold, "value": value, "status": status,
+                         "others_cpus": row["others_cpus"] if row is not None else None})
     return verdicts
 
 
 # ------------------------------------------------------------------- report
 def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
     return str(dtype).removeprefix("torch.")
 
 
 def machine_info(device: str) -> Tuple[str, str]:
     """(slug for file names, human-readable name) of the machine that runs ``device``."""
     if device == "cuda":
-        name = torch.cuda.get_device_name()
+        name = slug_source = torch.cuda.get_device_name()
     else:
         model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith("model name")), platform.processor() or "cpu")
-        name = f"{model} ({os.cpu_count()} cores)"
-        model = f"{model}-{os.cpu_count()}c"
-    slug = re.sub(r"[^a-z0-9]+", "-", (name if device == "cuda" else model).lower()).strip("-")
-    return slug, name
+        name, slug_source = f"{model} ({os.cpu_count()} cores)", f"{model}-{os.cpu_count()}c"
+    return re.sub(r"[^a-z0-9]+", "-", slug_source.lower()).strip("-"), name
 
 
 def _us(seconds: Optional[float]) -> str:
+    """Seconds as µs for the table: 3-4 significant digits, "—" if absent."""
     if seconds is None:
         return "—"
     us = seconds * 1e6
@@ -282,6 +303,7 @@ def _us(seconds: Optional[float]) -> str:
 
 
 def _num(value: Optional[float], fmt: str) -> str:
+    """``format(value, fmt)``, "—" if absent."""
     return "—" if value is None else format(value, fmt)
 
 
@@ -290,14 +312,16 @@ def markdown_table(rows: List[dict]) -> str:
     variants = [v for v in ("fused", "fused_out", "two_calls", "eager", "compiled", "copy_same_bytes",
                             "clone_same_bytes") if any(v in r["median_s"] for r in rows)]
     speedups = [k for k in COMPARED if any(k in r["speedup_of_fused"] for r in rows)]
-    header = (["shape", "dtype"] + [f"{v} µs" for v in variants] + [f"fused ×{k}" for k in speedups]
-              + [f"GB/s {v}" for v in BANDWIDTH_VARIANTS] + ["fused_out/copy", "fused/clone"])
+    short = lambda v: v.removesuffix("_same_bytes")  # noqa: E731
+    header = (["shape", "dtype"] + [f"{short(v)} µs" for v in variants] + [f"fused ×{k}" for k in speedups]
+              + [f"GB/s {short(v)}" for v in BANDWIDTH_VARIANTS] + ["fused_out/copy", "fused/clone", "others"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = ([str(r["shape"]), r["dtype"]] + [_us(r["median_s"].get(v)) for v in variants]
                  + [_num(r["speedup_of_fused"].get(k), ".2f") for k in speedups]
                  + [_num(r["gbps"].get(v), ".1f") for v in BANDWIDTH_VARIANTS]
-                 + [_num(r["fused_out_vs_copy"], ".0%"), _num(r["fused_vs_clone"], ".0%")])
+                 + [_num(r["fused_out_vs_copy"], ".0%"), _num(r["fused_vs_clone"], ".0%"),
+                    _num(r["others_cpus"], ".2f")])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -310,24 +334,34 @@ def render_markdown(report: dict) -> str:
         f"device `{report['device']}`, torch {report['torch']}, {report['threads']} threads, {report['date']}, "
         f"`blocked_autorange(min_run_time={report['min_run_time_s']})` medians"
         + (" (**--quick smoke run**)" if report["quick"] else "") + ".",
-        f"Every variant matched `ater_ext.reference` before timing (fp32 rtol = atol = {FP32_TOL:g}; bf16 {BF16_REL_TOL:g}"
-        f" of |x| + |out|, {BF16_EAGER_REL_TOL:.3g} for eager, which rounds its intermediates to bf16).",
-        "GB/s = bytes read + written by the op (each input read once, each output written once) / median time;"
-        " the copies move the same bytes.",
+        f"Every variant matched `ater_ext.reference` before timing (fp32 rtol = atol = {FP32_TOL:g};"
+        f" bf16 {BF16_REL_TOL:g} of |x| + |out|, {BF16_EAGER_REL_TOL:.3g} for eager, which rounds its intermediates to bf16).",
+        "Times in µs. GB/s = bytes read + written by the op (each input read once, each output written once) /"
+        " median time. `copy` and `clone` (`copy_same_bytes`, `clone_same_bytes` in the JSON) move the same bytes;"
+        " `fused ×k` = time of k / time of fused. `others` = CPUs kept busy by other processes while the case was"
+        " timed (from /proc/stat).",
         "",
         "On CPU, glibc serves allocations above its mmap threshold (at most 32 MB) with a fresh mmap that is"
         " page-faulted on first touch and unmapped on free, on every call; at [4096, 3072] fp32 (48 MB a tensor)"
         " that dominates any op that allocates its output. Hence two pairs: the allocating `fused` against"
         " `clone_same_bytes`, and the preallocated `fused_out` against `copy_same_bytes`.",
     ]
+    busy = [r for r in report["results"] if r["others_cpus"] > BUSY_CPUS]
+    if busy:
+        parts += ["", f"**Warning: other processes kept more than {BUSY_CPUS:g} CPU busy while {len(busy)} of the"
+                  f" {len(report['results'])} cases were timed (column `others`, up to"
+                  f" {max(r['others_cpus'] for r in busy):.2f} CPUs); their times, of multi-threaded ops above all,"
+                  " are inflated and not trustworthy. Rerun on a quiet machine.**"]
     for op in dict.fromkeys(r["op"] for r in report["results"]):
         rows = [r for r in report["results"] if r["op"] == op]
         parts += ["", f"## {op} (moves {rows[0]['tensor_sizes_moved']} tensor-sizes)", "", markdown_table(rows)]
     parts += ["", "## Targets", ""]
     for v in report["targets"]:
         value = "n/a" if v["value"] is None else f"{v['value']:.2f}"
+        busy = v["others_cpus"] is not None and v["others_cpus"] > BUSY_CPUS
         parts.append(f"- **{v['status']}** {v['op']} {v['shape']} {v['dtype']}: {v['metric']} = {value}"
-                     f" (target >= {v['threshold']:g})")
+                     f" (target >= {v['threshold']:g})"
+                     + (f"; *unreliable: other processes kept {v['others_cpus']:.2f} CPUs busy*" if busy else ""))
     return "\n".join(parts) + "\n"
 
 
@@ -343,6 +377,7 @@ def write_report(report: dict, out_dir: Path) -> Tuple[Path, Path]:
 
 # --------------------------------------------------------------------- main
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--quick", action="store_true", help="two shapes and short runs: a smoke test")
@@ -353,6 +388,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Check and time every case, write ``<machine>.json`` and ``.md``, print the markdown."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -373,7 +409,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "machine": slug, "machine_name": name, "device": args.device, "torch": torch.__version__,
         "python": platform.python_version(), "threads": torch.get_num_threads(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "min_run_time_s": min_run_time, "quick": args.quick, "results": rows,
+        "min_run_time_s": min_run_time, "quick": args.quick,
+        "cpu_count": os.cpu_count(),
+        "tolerances": {"fp32_rtol_atol": FP32_TOL, "bf16_rel": BF16_REL_TOL, "bf16_eager_rel": BF16_EAGER_REL_TOL},
+        "results": rows,
     }
     report["targets"] = evaluate_targets(rows, args.device)
     json_path, md_path = write_report(report, args.out)
