@@ -155,6 +155,28 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, clamp: Clamp = (
     return clamp_to(x0 + eps * g.sign(), clamp).detach()
 
 
+def _pgd(op: str, model: nn.Module, x: Tensor, y: Tensor, eps: float, *, steps: int,
+         step_size: Optional[float], clamp: Clamp, start, update, loss_fn: Optional[LossFn],
+         eval_mode: bool) -> Tensor:
+    """The PGD loop shared by the L2 and L-inf attacks: ``start(x0, eps)`` draws a
+    random start (``None``: start at ``x``), ``update(x_adv, g, x0, eps, step)``
+    takes one projected step; the data-range clip follows each."""
+    eps = _prepare(op, x, y, eps)
+    clamp = check_clamp(op, clamp)
+    steps, step_size = _check_steps(op, steps, step_size, eps)
+    if eps == 0:
+        return x.detach().clone()
+    loss_fn = resolve_loss_fn(loss_fn)
+    x0 = x.detach()
+    x_adv = clamp_to(start(x0, eps), clamp) if start is not None else x0.clone()
+    with model_mode(model, eval_mode), torch.enable_grad(), ExtraPasses(model, x0) as passes:
+        for _ in range(steps):
+            g = _input_grad(passes, x_adv, y, loss_fn)
+            with torch.no_grad():
+                x_adv = clamp_to(update(x_adv, g, x0, eps, step_size), clamp)
+    return x_adv.detach()
+
+
 def pgd_l2(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, steps: int = 10,
            step_size: Optional[float] = None, clamp: Clamp = (0.0, 1.0), random_start: bool = False,
            loss_fn: Optional[LossFn] = None, eval_mode: bool = True,
@@ -175,21 +197,14 @@ def pgd_l2(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, steps: int = 1
     ``generator`` draws the random start (the global RNG when ``None``). Other
     arguments as in :func:`fgsm`.
     """
-    op = "pgd_l2"
-    eps = _prepare(op, x, y, eps)
-    clamp = check_clamp(op, clamp)
-    steps, step_size = _check_steps(op, steps, step_size, eps)
-    if eps == 0:
-        return x.detach().clone()
-    loss_fn = resolve_loss_fn(loss_fn)
-    x0 = x.detach()
-    x_adv = clamp_to(_uniform_l2_ball(x0, eps, generator), clamp) if random_start else x0.clone()
-    with model_mode(model, eval_mode), torch.enable_grad(), ExtraPasses(model, x0) as passes:
-        for _ in range(steps):
-            g = _input_grad(passes, x_adv, y, loss_fn)
-            with torch.no_grad():
-                x_adv = clamp_to(_project_l2(ops.normalized_step(x_adv, g, step_size), x0, eps), clamp)
-    return x_adv.detach()
+    def start(x0: Tensor, eps: float) -> Tensor:
+        return _uniform_l2_ball(x0, eps, generator)
+
+    def update(x_adv: Tensor, g: Tensor, x0: Tensor, eps: float, step: float) -> Tensor:
+        return _project_l2(ops.normalized_step(x_adv, g, step), x0, eps)
+
+    return _pgd("pgd_l2", model, x, y, eps, steps=steps, step_size=step_size, clamp=clamp,
+                start=start if random_start else None, update=update, loss_fn=loss_fn, eval_mode=eval_mode)
 
 
 def pgd_linf(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, steps: int = 10,
@@ -209,22 +224,12 @@ def pgd_linf(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, steps: int =
     Coordinates with a zero gradient do not move. ``step_size`` defaults to
     ``2.5 * eps / steps``. Other arguments as in :func:`pgd_l2`.
     """
-    op = "pgd_linf"
-    eps = _prepare(op, x, y, eps)
-    clamp = check_clamp(op, clamp)
-    steps, step_size = _check_steps(op, steps, step_size, eps)
-    if eps == 0:
-        return x.detach().clone()
-    loss_fn = resolve_loss_fn(loss_fn)
-    x0 = x.detach()
-    if random_start:
+    def start(x0: Tensor, eps: float) -> Tensor:
         noise = torch.rand(x0.shape, dtype=x0.dtype, device=_draw_device(x0, generator), generator=generator)
-        x_adv = clamp_to(x0 + eps * (2 * noise.to(x0.device) - 1), clamp)
-    else:
-        x_adv = x0.clone()
-    with model_mode(model, eval_mode), torch.enable_grad(), ExtraPasses(model, x0) as passes:
-        for _ in range(steps):
-            g = _input_grad(passes, x_adv, y, loss_fn)
-            with torch.no_grad():
-                x_adv = clamp_to(_project_linf(x_adv + step_size * g.sign(), x0, eps), clamp)
-    return x_adv.detach()
+        return x0 + eps * (2 * noise.to(x0.device) - 1)
+
+    def update(x_adv: Tensor, g: Tensor, x0: Tensor, eps: float, step: float) -> Tensor:
+        return _project_linf(x_adv + step * g.sign(), x0, eps)
+
+    return _pgd("pgd_linf", model, x, y, eps, steps=steps, step_size=step_size, clamp=clamp,
+                start=start if random_start else None, update=update, loss_fn=loss_fn, eval_mode=eval_mode)

@@ -30,14 +30,52 @@ def _stats(**terms: Tensor) -> Stats:
     return dict(zip(terms, values))
 
 
+class _PrecomputedGradients(torch.autograd.Function):
+    """A scalar (``value``) whose backward hands ``grads`` (already computed,
+    scaled in place by the incoming gradient) to ``params``. The buffers are
+    handed over, not copied, so they can be backpropagated once only."""
+
+    @staticmethod
+    def forward(ctx, value, grads, *params):
+        ctx.grads = list(grads)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("ater_ext: the clean-loss term of at_loss / ater_loss carries precomputed "
+                               "parameter gradients and can be backpropagated only once (no retain_graph)")
+        return (None, None, *[None if g is None else g.mul_(grad_out) for g in grads])
+
+
 class _CleanForward:
     """The clean forward (the only pass that updates BatchNorm statistics), with
     ``x`` as a leaf so that pass 1's input gradient can come from its graph."""
 
     def __init__(self, model: nn.Module, x: Tensor):
         self.rng_state = capture_rng_state(x.device)  # the masks pass 2 must reuse
+        self.model = model
         self.x_leaf = x.detach().requires_grad_(True)
         self.logits = model(self.x_leaf)
+
+    def input_grad_and_mean_loss(self, passes: ExtraPasses, per_sample_loss: Tensor, y: Tensor,
+                                 loss_fn: LossFn) -> Tuple[Tensor, Tensor]:
+        """``(g, mean loss)`` with ``g = grad_x sum_i L(x_i, y_i)``, traversing the
+        clean graph once: one backward gives ``g`` and the parameter gradients of
+        the mean loss, and the returned mean loss hands those gradients on in the
+        caller's backward (the clean graph is freed here, and no gradient is
+        computed for ``x``). First-order only: the returned loss can't be
+        differentiated twice. Under autocast, ``g`` comes from an fp32 pass and the
+        mean loss keeps its graph."""
+        mean = per_sample_loss.mean()
+        if passes.work_dtype is not None:
+            return passes.input_grad(self.x_leaf, y, loss_fn)[0], mean
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        g, *param_grads = torch.autograd.grad(per_sample_loss.sum(), [self.x_leaf, *params], allow_unused=True)
+        n = per_sample_loss.numel()
+        param_grads = tuple(None if pg is None else pg / n for pg in param_grads)
+        return g, _PrecomputedGradients.apply(mean.detach(), param_grads, *params)
 
     def input_grad(self, passes: ExtraPasses, per_sample_loss: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
         """``grad_x sum_i L(x_i, y_i)`` from this forward's graph (kept for the
@@ -93,10 +131,9 @@ def at_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, los
     clean = _CleanForward(model, x)
     per_sample = loss_fn(clean.logits, y, reduction="none")
     with ExtraPasses(model, x, clean.rng_state) as passes:
-        g = clean.input_grad(passes, per_sample, y, loss_fn)
+        g, ce = clean.input_grad_and_mean_loss(passes, per_sample, y, loss_fn)
         x_adv = clamp_to(ops.normalized_step(x.detach().to(g.dtype), g, eps_adv), clamp).to(x.dtype)
         adv = loss_fn(passes.forward(x_adv, detach_params=False), y)
-    ce = per_sample.mean()
     loss = ce + adv
     return loss, _stats(loss=loss, ce=ce, adv=adv)
 
@@ -145,11 +182,10 @@ def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, e
     clean = _CleanForward(model, x)
     per_sample = loss_fn(clean.logits, y, reduction="none")
     with ExtraPasses(model, x, clean.rng_state) as passes:
-        g = clean.input_grad(passes, per_sample, y, loss_fn)
+        g, ce = clean.input_grad_and_mean_loss(passes, per_sample, y, loss_fn)
         x_adv, probe = ops.dual_normalized_step(x.detach().to(g.dtype), g, eps_adv, xi)
         adv = loss_fn(passes.forward(clamp_to(x_adv, clamp).to(x.dtype), detach_params=False), y)
         energy = _energy_from_grad(passes, x, y, g, clamp_to(probe, clamp), loss_fn, eps, clamp, scaler)
-    ce = per_sample.mean()
     loss = ce + adv + lam * energy
     return loss, _stats(loss=loss, ce=ce, adv=adv, energy=energy)
 

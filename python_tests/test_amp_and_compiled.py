@@ -115,3 +115,13 @@ def test_fd_penalty_needs_no_double_backward():
     net.zero_grad()
     ater_ext.energy_reg(net, x, y, penalty="fd").backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_ater_loss_clean_term_is_backpropagated_once():
+    """ater_loss hands the clean loss's precomputed parameter gradients over in the
+    caller's backward (the clean graph is traversed once); a second backward says so."""
+    model, (x, y) = make_model(), batch()
+    loss, _ = ater_ext.objectives.ater_loss(model, x, y)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()
