@@ -44,6 +44,7 @@ demo: build
 
 bench: build
 	$(PY) benchmarks/bench_ops.py
+	$(PY) benchmarks/bench_step.py
 
 clean:
 	rm -rf build ater_ext/*.so *.egg-info $(BUILD_STAMP)
