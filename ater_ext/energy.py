@@ -178,7 +178,8 @@ def penalty_value(passes: ExtraPasses, x_max_: Tensor, y: Tensor, loss_fn: LossF
 
 def _check_compiled(op: str, model: nn.Module, penalty_kind: str) -> None:
     module = unwrap_model(model)
-    if penalty_kind == "exact" and isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+    # torch.compile's OptimizedModule wraps the original as _orig_mod
+    if penalty_kind == "exact" and isinstance(getattr(module, "_orig_mod", None), nn.Module):
         raise RuntimeError(
             f"ater_ext.{op}: double backward through a torch.compile'd module is unsupported in PyTorch "
             f"(the exact penalty needs it); pass the uncompiled module (model._orig_mod) or use penalty='fd'")
