@@ -20,7 +20,7 @@ masks, no weight-gradient work).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -195,7 +195,8 @@ def grad_scale_of(scaler) -> float:
 # ---------------------------------------------------------------- public API
 def x_max(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, xi: Optional[float] = None,
           loss_fn: Optional[LossFn] = None, grad_x: Optional[Tensor] = None, direction: str = "fd",
-          clamp: Optional[Tuple[float, float]] = None, rng_state: Optional[RngState] = None) -> Tensor:
+          clamp: Optional[Tuple[float, float]] = None, rng_state: Optional[RngState] = None,
+          compile: Union[bool, str] = False) -> Tensor:
     """The point of ``B(x, eps)`` where the input-gradient norm grows fastest (Eq. 15).
 
     ``x_max = x + eps * normalize(g2 - g)`` with ``g = grad_x sum_i L(x_i, y_i)``
@@ -216,6 +217,9 @@ def x_max(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, xi: Optio
         clamp: optional ``(lo, hi)`` data range for the probe and ``x_max``.
         rng_state: RNG state of the clean forward that produced ``grad_x``
             (:func:`ater_ext.capture_rng_state`), so that pass 2 sees its dropout masks.
+        compile: run the first-order passes through ``torch.compile`` (``True``
+            or a torch.compile mode, e.g. ``"reduce-overhead"`` for CUDA graphs);
+            models with active dropout keep eager passes.
 
     BatchNorm buffers, ``.grad`` and the train/eval mode are left untouched.
     """
@@ -225,7 +229,7 @@ def x_max(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, xi: Optio
     xi = check_positive(op, "xi", default_xi(x.dtype) if xi is None else xi)
     check_choice(op, "direction", direction, DIRECTIONS)
     clamp = check_clamp(op, clamp)
-    with torch.enable_grad(), ExtraPasses(model, x, rng_state) as passes:
+    with torch.enable_grad(), ExtraPasses(model, x, rng_state, compile=compile) as passes:
         result = find_x_max(passes, x, y, eps=eps, xi=xi, loss_fn=resolve_loss_fn(loss_fn), grad_x=grad_x,
                             direction=direction, clamp=clamp)
     return result.detach()
@@ -234,7 +238,8 @@ def x_max(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, xi: Optio
 def energy_reg(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, xi: Optional[float] = None,
                loss_fn: Optional[LossFn] = None, grad_x: Optional[Tensor] = None, direction: str = "fd",
                penalty: str = "exact", clamp: Optional[Tuple[float, float]] = None, reduction: str = "mean",
-               fd_h: float = 1e-2, rng_state: Optional[RngState] = None, scaler=None) -> Tensor:
+               fd_h: float = 1e-2, rng_state: Optional[RngState] = None, scaler=None,
+               compile: Union[bool, str] = False) -> Tensor:
     """The energy regulariser ``mean_i ||grad_x L(x_max_i, y_i)||`` (ATER's Eq. 11 second term).
 
     Drop it into any training loop::
@@ -249,7 +254,8 @@ def energy_reg(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, xi: 
     ``reduction``: ``"mean"`` (scalar), ``"sum"`` or ``"none"`` (``[B]``).
     ``scaler``: the ``torch.amp.GradScaler`` of an fp16 AMP loop; its scale
     multiplies the loss inside the gradient (then divided out, in fp32), as in
-    PyTorch's gradient-penalty AMP recipe.
+    PyTorch's gradient-penalty AMP recipe. ``compile`` as in :func:`x_max`
+    (the penalty's double backward always runs eagerly).
 
     Only the caller's backward touches ``.grad``; the extra passes compute input
     gradients only, never update BatchNorm buffers, see the same dropout masks,
@@ -267,7 +273,7 @@ def energy_reg(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, xi: 
     check_trainable(op, model)
     _check_compiled(op, model, penalty)
     loss_fn = resolve_loss_fn(loss_fn)
-    with ExtraPasses(model, x, rng_state) as passes:
+    with ExtraPasses(model, x, rng_state, compile=compile) as passes:
         xm = find_x_max(passes, x, y, eps=eps, xi=xi, loss_fn=loss_fn, grad_x=grad_x, direction=direction,
                         clamp=clamp)
         return penalty_value(passes, xm, y, loss_fn, kind=penalty, fd_h=fd_h, reduction=reduction,

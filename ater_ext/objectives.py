@@ -8,7 +8,7 @@ Losses are batch means of ``loss_fn`` (cross-entropy by default).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -161,7 +161,7 @@ def vat_loss(model: nn.Module, x: Tensor, *, eps_vat: float = 2.0, xi_vat: Optio
 
 def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, eps: float = 2.0,
               lam: float = 0.1, xi: Optional[float] = None, loss_fn: Optional[LossFn] = None,
-              clamp=None, scaler=None) -> Tuple[Tensor, Stats]:
+              clamp=None, scaler=None, compile: Union[bool, str] = False) -> Tuple[Tensor, Stats]:
     """ATER, Eq. 11 / Algorithm 1: ``L(x) + L(x_adv) + lam * energy_reg``.
 
     One clean forward; its graph gives the pass-1 gradient ``g`` (no separate
@@ -169,7 +169,8 @@ def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, e
     normalize(g)`` and the probe ``x + xi * normalize(g)``; pass 2 at the probe
     and one fused launch give ``x_max`` (Eq. 15); the penalty is
     ``mean_i ||grad_x L(x_max_i)||`` by double backpropagation. ``scaler``: the
-    GradScaler of an fp16 AMP loop (see :func:`ater_ext.energy_reg`).
+    GradScaler of an fp16 AMP loop (see :func:`ater_ext.energy_reg`). ``compile``:
+    run pass 2 through ``torch.compile`` (see :func:`ater_ext.x_max`).
     """
     op = "ater_loss"
     check_batch(op, x, y)
@@ -181,7 +182,7 @@ def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, e
     loss_fn = resolve_loss_fn(loss_fn)
     clean = _CleanForward(model, x)
     per_sample = loss_fn(clean.logits, y, reduction="none")
-    with ExtraPasses(model, x, clean.rng_state) as passes:
+    with ExtraPasses(model, x, clean.rng_state, compile=compile) as passes:
         g, ce = clean.input_grad_and_mean_loss(passes, per_sample, y, loss_fn)
         x_adv, probe = ops.dual_normalized_step(x.detach().to(g.dtype), g, eps_adv, xi)
         adv = loss_fn(passes.forward(clamp_to(x_adv, clamp).to(x.dtype), detach_params=False), y)
@@ -193,7 +194,7 @@ def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, e
 def vater_loss(model: nn.Module, x_l: Tensor, y_l: Tensor, x_ul: Tensor, *, eps_vat: float = 2.0,
                eps: float = 2.0, lam: float = 0.1, xi: Optional[float] = None, ip: int = 1,
                xi_vat: Optional[float] = None, loss_fn: Optional[LossFn] = None,
-               clamp=None, scaler=None) -> Tuple[Tensor, Stats]:
+               clamp=None, scaler=None, compile: Union[bool, str] = False) -> Tuple[Tensor, Stats]:
     """VATER, Eq. 12 / Algorithm 2 (semi-supervised):
     ``L(x_l) + VAT(x_l ∪ x_ul) + lam * energy_reg(x_l ∪ x_ul)``.
 
@@ -202,8 +203,8 @@ def vater_loss(model: nn.Module, x_l: Tensor, y_l: Tensor, x_ul: Tensor, *, eps_
     pseudo-label ``argmax p(x)`` at the clean input, detached, for the energy
     term (the paper's ``grad_x f`` is undefined for a vector output; a soft
     self-target would have zero gradient at ``x``). VAT's start direction is
-    ``randn_like(x)``, this function's first random draw. ``scaler`` as in
-    :func:`ater_loss`.
+    ``randn_like(x)``, this function's first random draw. ``scaler`` and
+    ``compile`` as in :func:`ater_loss`.
     """
     op = "vater_loss"
     check_batch(op, x_l, y_l)
@@ -227,7 +228,7 @@ def vater_loss(model: nn.Module, x_l: Tensor, y_l: Tensor, x_ul: Tensor, *, eps_
     clean = _CleanForward(model, x)
     y = torch.cat([y_l, clean.logits[n_l:].detach().argmax(dim=1).to(y_l.dtype)])
     per_sample = loss_fn(clean.logits, y, reduction="none")
-    with ExtraPasses(model, x, clean.rng_state) as passes:
+    with ExtraPasses(model, x, clean.rng_state, compile=compile) as passes:
         vat = _vat_term(passes, x, clean.logits, d, eps_vat=eps_vat, xi_vat=xi_vat, ip=int(ip))
         g = clean.input_grad(passes, per_sample, y, loss_fn)
         probe = clamp_to(ops.normalized_step(x.detach().to(g.dtype), g, xi), clamp)

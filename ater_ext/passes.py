@@ -18,7 +18,8 @@ Every pass that is not the caller's clean forward goes through
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Optional, Tuple
+import functools
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -65,9 +66,61 @@ def _autocast_disabled(device_type: str):
         yield
 
 
+def _has_active_dropout(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in module.modules())
+
+
 def _has_cudnn_rnn(module: nn.Module, device: torch.device) -> bool:
     return (device.type == "cuda" and torch.backends.cudnn.enabled
             and any(isinstance(m, nn.RNNBase) for m in module.modules()))
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
+def check_compile_mode(compile: Union[bool, str]) -> Optional[str]:
+    """``False`` -> None (eager); ``True`` -> "default"; a torch.compile mode name as is."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return "default"
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"ater_ext: compile must be a bool or one of {list(COMPILE_MODES)}, got {compile!r}")
+    return compile
+
+
+# torch.compile mode -> inductor options, plus fallback_random (see compiled_input_grad)
+_MODE_OPTIONS = {
+    "default": {},
+    "reduce-overhead": {"triton.cudagraphs": True},
+    "max-autotune": {"max_autotune": True, "triton.cudagraphs": True},
+    "max-autotune-no-cudagraphs": {"max_autotune": True},
+}
+_COMPILED: Dict[Tuple[LossFn, str], Callable] = {}
+
+
+def _input_grad_graph(module: nn.Module, loss_fn: LossFn, params, buffers, x: Tensor, y: Tensor) -> Tensor:
+    def summed_loss(x_, bufs):
+        return loss_fn(functional_call(module, {**params, **bufs}, (x_,)), y, reduction="sum")
+    return torch.func.grad(summed_loss)(x, buffers)
+
+
+def compiled_input_grad(loss_fn: LossFn, mode: str) -> Callable:
+    """``(module, params, buffers, x, y) -> grad_x sum_i L(x_i, y_i)`` compiled as one graph.
+
+    Built with ``torch.func.grad`` over ``functional_call`` (dynamo traces it
+    whole, unlike ``torch.autograd.grad``); the buffers are explicit inputs so
+    BatchNorm's in-place statistics updates land in the scratch copies.
+    ``fallback_random`` keeps eager PyTorch's random streams, so dropout masks
+    match the eager passes started from the same RNG state. Only first-order
+    passes are compiled: double backward through compiled graphs is unsupported.
+    One compiled function per (loss_fn, mode); dynamo specialises it per module.
+    """
+    key = (loss_fn, mode)
+    if key not in _COMPILED:
+        options = {**_MODE_OPTIONS[mode], "fallback_random": True}
+        _COMPILED[key] = torch.compile(functools.partial(_input_grad_graph, loss_fn=loss_fn), options=options)
+    return _COMPILED[key]
 
 
 class ExtraPasses:
@@ -81,10 +134,19 @@ class ExtraPasses:
             state was captured here (the extra passes consume randomness like one
             forward), or as at entry when the caller passed the state of a
             forward it already ran.
+        compile: run the first-order input-gradient passes through
+            ``torch.compile`` (``True``, or a torch.compile mode such as
+            ``"reduce-overhead"`` for CUDA graphs); see :func:`compiled_input_grad`.
+            Models with active dropout layers keep eager passes.
     """
 
-    def __init__(self, model: nn.Module, x: Tensor, rng_state: Optional[RngState] = None):
+    def __init__(self, model: nn.Module, x: Tensor, rng_state: Optional[RngState] = None,
+                 compile: Union[bool, str] = False):
         self.module = unwrap_model(model)
+        # Compiled graphs draw dropout masks of their own, so models with active
+        # dropout keep eager passes (the same-masks guarantee comes first).
+        mode = check_compile_mode(compile)
+        self.compile_mode = None if _has_active_dropout(self.module) else mode
         self.device = x.device
         self._given_rng = rng_state is not None
         self._rng = rng_state if rng_state is not None else capture_rng_state(x.device)
@@ -127,11 +189,24 @@ class ExtraPasses:
         """
         work = self.work_dtype
         x_leaf = (x.detach().to(work) if work is not None and x.dtype != work else x.detach())
+        if self.compile_mode is not None and not create_graph:
+            return self._compiled_input_grad(x_leaf, y, loss_fn), x_leaf
         x_leaf.requires_grad_(True)
         with torch.enable_grad(), _autocast_disabled(self.device.type):
             loss = loss_fn(self.forward(x_leaf, detach_params=True), y, reduction="sum")
             (g,) = torch.autograd.grad(loss, x_leaf, create_graph=create_graph)
         return g, x_leaf
+
+    def _compiled_input_grad(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
+        fn = compiled_input_grad(loss_fn, self.compile_mode)
+        restore_rng_state(self._rng)
+        buffers = {name: b.clone() for name, b in self._buffers.items()}
+        with _autocast_disabled(self.device.type):
+            g = fn(self.module, params=self._detached_params, buffers=buffers, x=x, y=y)
+        if self._exit_rng is None:
+            self._exit_rng = capture_rng_state(self.device)
+        # CUDA-graph modes reuse their output memory on the next replay
+        return g.clone() if self.compile_mode != "default" else g
 
     def penalty_forward(self, x: Tensor) -> Tensor:
         """The forward whose input gradient is penalised: real parameters, ambient

@@ -55,6 +55,7 @@ class TrainConfig:
     seed: int
     device: str
     amp: bool
+    compile: bool
     sync_bn: bool
     out: str
 
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (data order, initialisation, dropout, VAT directions)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="run ATER/VATER's first-order extra passes through torch.compile (models with dropout stay eager)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun on GPUs)")
     p.add_argument("--out", default=None, help="output directory (default: results/<method>-<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -105,7 +108,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         model=args.model or default_model(args.dataset), labels=args.labels, epochs=args.epochs,
         batch_size=args.batch_size, ul_batch_size=args.ul_batch_size, lr=args.lr, eps=args.eps,
         eps_adv=args.eps_adv, eps_vat=args.eps_vat, lam=args.lam if args.lam is not None else PAPER_LAM.get(args.dataset, 0.1),
-        xi=args.xi, seed=args.seed, device=str(pick_device(args.device)), amp=args.amp, sync_bn=args.sync_bn,
+        xi=args.xi, seed=args.seed, device=str(pick_device(args.device)), amp=args.amp, compile=args.compile,
+        sync_bn=args.sync_bn,
         out=args.out or os.path.join("results", f"{args.method}-{args.dataset}"))
 
 
@@ -159,7 +163,7 @@ def objective(cfg: TrainConfig, model, x, y, x_ul, scaler):
         return objectives.at_loss(model, x, y, eps_adv=cfg.eps_adv)
     if cfg.method == "ater":
         return objectives.ater_loss(model, x, y, eps_adv=cfg.eps_adv, eps=cfg.eps, lam=cfg.lam, xi=cfg.xi,
-                                    scaler=scaler)
+                                    scaler=scaler, compile=cfg.compile)
     x_ul = x_ul if x_ul is not None else x[:0]
     if cfg.method == "vat":
         ce = F.cross_entropy(model(x), y)
@@ -167,7 +171,7 @@ def objective(cfg: TrainConfig, model, x, y, x_ul, scaler):
         loss = ce + vat
         return loss, {"loss": loss.item(), "ce": ce.item(), "vat": vat.item()}
     return objectives.vater_loss(model, x, y, x_ul, eps_vat=cfg.eps_vat, eps=cfg.eps, lam=cfg.lam, xi=cfg.xi,
-                                 xi_vat=cfg.xi, scaler=scaler)
+                                 xi_vat=cfg.xi, scaler=scaler, compile=cfg.compile)
 
 
 def schedule(optimizer, cfg: TrainConfig, step: int, total: int) -> float:
