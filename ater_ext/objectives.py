@@ -44,9 +44,29 @@ class _PrecomputedGradients(torch.autograd.Function):
     def backward(ctx, grad_out):
         grads, ctx.grads = ctx.grads, None
         if grads is None:
-            raise RuntimeError("ater_ext: the clean-loss term of at_loss / ater_loss carries precomputed "
-                               "parameter gradients and can be backpropagated only once (no retain_graph)")
+            raise RuntimeError("ater_ext: the clean and adversarial loss terms of at_loss / ater_loss carry "
+                               "precomputed parameter gradients and can be backpropagated only once "
+                               "(no retain_graph)")
         return (None, None, *[None if g is None else g.mul_(grad_out) for g in grads])
+
+
+class _GradientBank:
+    """Parameter gradients of first-order loss terms, computed as soon as each
+    term exists (so its graph is freed at once instead of living through the
+    penalty's double backward) and handed over in the caller's backward."""
+
+    def __init__(self, params, grads):
+        self.params = params
+        self.grads = list(grads)
+
+    def add(self, loss: Tensor) -> None:
+        for i, g in enumerate(torch.autograd.grad(loss, self.params, allow_unused=True)):
+            if g is not None:
+                self.grads[i] = g if self.grads[i] is None else self.grads[i].add_(g)
+
+    def loss(self, value: Tensor) -> Tensor:
+        """``value`` (detached) whose backward gives the banked gradients; first-order only."""
+        return _PrecomputedGradients.apply(value.detach(), tuple(self.grads), *self.params)
 
 
 class _CleanForward:
@@ -59,23 +79,20 @@ class _CleanForward:
         self.x_leaf = x.detach().requires_grad_(True)
         self.logits = model(self.x_leaf)
 
-    def input_grad_and_mean_loss(self, passes: ExtraPasses, per_sample_loss: Tensor, y: Tensor,
-                                 loss_fn: LossFn) -> Tuple[Tensor, Tensor]:
-        """``(g, mean loss)`` with ``g = grad_x sum_i L(x_i, y_i)``, traversing the
-        clean graph once: one backward gives ``g`` and the parameter gradients of
-        the mean loss, and the returned mean loss hands those gradients on in the
-        caller's backward (the clean graph is freed here, and no gradient is
-        computed for ``x``). First-order only: the returned loss can't be
-        differentiated twice. Under autocast, ``g`` comes from an fp32 pass and the
-        mean loss keeps its graph."""
-        mean = per_sample_loss.mean()
+    def input_grad_and_bank(self, passes: ExtraPasses, per_sample_loss: Tensor, y: Tensor,
+                            loss_fn: LossFn) -> Tuple[Tensor, Optional[_GradientBank]]:
+        """``(g, bank)`` with ``g = grad_x sum_i L(x_i, y_i)``, traversing the clean
+        graph once: one backward gives ``g`` and the parameter gradients of the
+        mean loss, which start the bank (the clean graph is freed here, and no
+        gradient is computed for ``x``). Under autocast (GradScaler must scale the
+        low-precision backward) ``g`` comes from an fp32 pass and the bank is None:
+        the terms then keep their graphs for the caller's backward."""
         if passes.work_dtype is not None:
-            return passes.input_grad(self.x_leaf, y, loss_fn)[0], mean
+            return passes.input_grad(self.x_leaf, y, loss_fn)[0], None
         params = [p for p in self.model.parameters() if p.requires_grad]
         g, *param_grads = torch.autograd.grad(per_sample_loss.sum(), [self.x_leaf, *params], allow_unused=True)
         n = per_sample_loss.numel()
-        param_grads = tuple(None if pg is None else pg / n for pg in param_grads)
-        return g, _PrecomputedGradients.apply(mean.detach(), param_grads, *params)
+        return g, _GradientBank(params, [None if pg is None else pg.div_(n) for pg in param_grads])
 
     def input_grad(self, passes: ExtraPasses, per_sample_loss: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
         """``grad_x sum_i L(x_i, y_i)`` from this forward's graph (kept for the
@@ -85,6 +102,14 @@ class _CleanForward:
             return passes.input_grad(self.x_leaf, y, loss_fn)[0]
         (g,) = torch.autograd.grad(per_sample_loss.sum(), self.x_leaf, retain_graph=True)
         return g
+
+
+def _first_order_term(bank: Optional[_GradientBank], term: Tensor) -> Tensor:
+    """Banks ``term``'s parameter gradients now (freeing its graph) when there is a bank."""
+    if bank is None:
+        return term
+    bank.add(term)
+    return term.detach()
 
 
 def _energy_from_grad(passes: ExtraPasses, x: Tensor, y: Tensor, g: Tensor, probe: Tensor, loss_fn: LossFn,
@@ -130,11 +155,12 @@ def at_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, los
     loss_fn = resolve_loss_fn(loss_fn)
     clean = _CleanForward(model, x)
     per_sample = loss_fn(clean.logits, y, reduction="none")
+    ce = per_sample.mean()
     with ExtraPasses(model, x, clean.rng_state) as passes:
-        g, ce = clean.input_grad_and_mean_loss(passes, per_sample, y, loss_fn)
+        g, bank = clean.input_grad_and_bank(passes, per_sample, y, loss_fn)
         x_adv = clamp_to(ops.normalized_step(x.detach().to(g.dtype), g, eps_adv), clamp).to(x.dtype)
-        adv = loss_fn(passes.forward(x_adv, detach_params=False), y)
-    loss = ce + adv
+        adv = _first_order_term(bank, loss_fn(passes.forward(x_adv, detach_params=False), y))
+    loss = ce + adv if bank is None else bank.loss(ce + adv)
     return loss, _stats(loss=loss, ce=ce, adv=adv)
 
 
@@ -182,12 +208,15 @@ def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, e
     loss_fn = resolve_loss_fn(loss_fn)
     clean = _CleanForward(model, x)
     per_sample = loss_fn(clean.logits, y, reduction="none")
+    ce = per_sample.mean()
     with ExtraPasses(model, x, clean.rng_state, compile=compile) as passes:
-        g, ce = clean.input_grad_and_mean_loss(passes, per_sample, y, loss_fn)
+        g, bank = clean.input_grad_and_bank(passes, per_sample, y, loss_fn)
         x_adv, probe = ops.dual_normalized_step(x.detach().to(g.dtype), g, eps_adv, xi)
-        adv = loss_fn(passes.forward(clamp_to(x_adv, clamp).to(x.dtype), detach_params=False), y)
+        adv = _first_order_term(bank, loss_fn(passes.forward(clamp_to(x_adv, clamp).to(x.dtype),
+                                                             detach_params=False), y))
         energy = _energy_from_grad(passes, x, y, g, clamp_to(probe, clamp), loss_fn, eps, clamp, scaler)
-    loss = ce + adv + lam * energy
+    head = ce + adv if bank is None else bank.loss(ce + adv)
+    loss = head + lam * energy
     return loss, _stats(loss=loss, ce=ce, adv=adv, energy=energy)
 
 

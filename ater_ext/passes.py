@@ -4,10 +4,11 @@ semantics users depend on (SPEC "Training-mode semantics").
 Every pass that is not the caller's clean forward goes through
 :class:`ExtraPasses`, which
 
-* replaces the module's buffers by scratch copies for the pass (via
-  :func:`torch.func.functional_call`), so BatchNorm running statistics and
-  ``num_batches_tracked`` are never written, and nothing is restored in place
-  (which would break autograd's version counters);
+* swaps the module's buffers for the pass (via :func:`torch.func.functional_call`):
+  train-mode BatchNorm gets no running statistics (it normalises with batch
+  statistics either way), other buffers scratch copies, so BatchNorm running
+  statistics and ``num_batches_tracked`` are never written and nothing is
+  restored in place (which would break autograd's version counters);
 * starts every pass from the same RNG state, so dropout masks match between
   the clean gradient (pass 1), the probe gradient (pass 2) and the penalty;
 * gives the input-gradient passes detached parameters: they build no graph to
@@ -64,6 +65,33 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def _autocast_disabled(device_type: str):
     with torch.autocast(device_type=device_type, enabled=False):
         yield
+
+
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _buffer_plan(module: nn.Module) -> Dict[str, Tuple[Optional[Tensor], bool]]:
+    """name -> (tensor a pass uses, clone it per pass?), so that no pass writes the caller's buffers.
+
+    BatchNorm1d/2d/3d in train mode normalise with batch statistics; given
+    ``None`` running statistics they also update nothing (no copy, nothing held
+    by the graph). In eval mode they only read them (shared as they are). Every
+    other buffer (SyncBatchNorm's, which insist on updating, or any module's
+    own state) gets a fresh copy per pass.
+    """
+    plan: Dict[str, Tuple[Optional[Tensor], bool]] = {}
+    for prefix, sub in module.named_modules():
+        for name, buf in sub.named_buffers(recurse=False):
+            key = f"{prefix}.{name}" if prefix else name
+            plain_bn = (isinstance(sub, nn.modules.batchnorm._BatchNorm)
+                        and not isinstance(sub, nn.SyncBatchNorm) and name in _BN_STATS)
+            if plain_bn and sub.training:
+                plan[key] = (None, False)
+            elif plain_bn:
+                plan[key] = (buf, False)
+            else:
+                plan[key] = (buf, buf is not None)
+    return plan
 
 
 def _has_active_dropout(module: nn.Module) -> bool:
@@ -151,7 +179,7 @@ class ExtraPasses:
         self._given_rng = rng_state is not None
         self._rng = rng_state if rng_state is not None else capture_rng_state(x.device)
         self._exit_rng: Optional[RngState] = None
-        self._buffers = dict(self.module.named_buffers())
+        self._buffer_plan = _buffer_plan(self.module)
         self._detached_params = {name: p.detach() for name, p in self.module.named_parameters()}
 
     def __enter__(self) -> "ExtraPasses":
@@ -164,6 +192,10 @@ class ExtraPasses:
         else:
             restore_rng_state(self._exit_rng)
 
+    def _pass_buffers(self) -> Dict[str, Optional[Tensor]]:
+        """The buffers one pass sees: see :func:`_buffer_plan`."""
+        return {name: (b.clone() if clone else b) for name, (b, clone) in self._buffer_plan.items()}
+
     @property
     def work_dtype(self) -> Optional[torch.dtype]:
         """fp32 when autocast is on for this device (the probe passes run in fp32)."""
@@ -172,7 +204,7 @@ class ExtraPasses:
     def forward(self, x: Tensor, *, detach_params: bool) -> Tensor:
         """One forward pass on scratch buffers from the fixed RNG state."""
         restore_rng_state(self._rng)
-        tensors: Dict[str, Tensor] = {name: b.clone() for name, b in self._buffers.items()}
+        tensors = self._pass_buffers()
         if detach_params:
             tensors.update(self._detached_params)
         out = functional_call(self.module, tensors, (x,))
@@ -200,7 +232,7 @@ class ExtraPasses:
     def _compiled_input_grad(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
         fn = compiled_input_grad(loss_fn, self.compile_mode)
         restore_rng_state(self._rng)
-        buffers = {name: b.clone() for name, b in self._buffers.items()}
+        buffers = self._pass_buffers()
         with _autocast_disabled(self.device.type):
             g = fn(self.module, params=self._detached_params, buffers=buffers, x=x, y=y)
         if self._exit_rng is None:
