@@ -48,14 +48,14 @@ WHY = """\
 Counting matrix products in units of one forward pass: an ERM step is 3 (forward, input- and
 weight-gradient backward). ater_ext's ATER step is about 14: the clean forward and one backward that
 gives both pass 1's input gradient and the clean loss's weight gradients (3), the adversarial
-forward and its backward (3), pass 2 (forward + input-gradient backward, 2), the penalty's forward
+forward and its weight-gradient backward (3), pass 2 (forward + input-gradient backward, 2), the penalty's forward
 and create_graph backward (2) and the double backward through them (about 4). So about 4.7x ERM is
 the floor of the algorithm before elementwise and BatchNorm double-backward overheads; the naive
 step is about 18 units (a separate AT gradient pass and pass 1, and a clean graph traversed twice).
-Memory: ater_ext frees the clean forward's graph early but holds the clean loss's precomputed
-weight gradients until the caller's backward; for the MLP (1.9 M parameters, small activations at
-B <= 1024) that costs more than the activations it frees, for conv-large (large activations) it
-saves."""
+Memory: ater_ext computes the first-order terms' weight gradients (clean and adversarial losses) as
+soon as each term exists and hands them over in the caller's backward, so their graphs are freed
+before the penalty's double backward is built, and train-mode BatchNorm passes keep no copies of the
+running statistics; the naive step holds the clean and adversarial graphs until its backward."""
 EPS_ADV, EPS, XI, LAM = 2.0, 2.0, 1e-3, 0.1
 
 
