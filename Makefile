@@ -44,6 +44,7 @@ demo: build
 
 bench: build
 	$(PY) benchmarks/bench_ops.py
+	$(PY) benchmarks/bench_scaling.py
 	$(PY) benchmarks/bench_step.py
 
 clean:

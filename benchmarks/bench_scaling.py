@@ -1,0 +1,83 @@
+"""Scaling of the fused ops: time and bandwidth of ``fd_direction`` and
+``normalized_step`` (fp32, preallocated ``out=``) as the batch B and the row
+length D grow, checked against ``ater_ext.reference`` before timing.
+
+    python benchmarks/bench_scaling.py [--device cpu|cuda] [--out benchmarks/results]
+
+Writes ``scaling-<machine>.json`` and ``.md``. The training step's scaling with
+B is in ``bench_step.py``'s table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_ops import machine_info, measure  # noqa: E402
+
+from ater_ext import ops, reference  # noqa: E402
+
+BATCHES = (32, 128, 512, 2048, 8192)
+ROW_LENGTHS = (784, 3072, 12288)
+
+
+def case(op: str, batch: int, d: int, device: str, min_run_time: float) -> dict:
+    x, g0, g1 = (torch.randn(batch, d, device=device) for _ in range(3))
+    out = torch.empty_like(x)
+    if op == "fd_direction":
+        run = lambda: ops.fd_direction(x, g0, g1, 2.0, out=out)  # noqa: E731
+        want, tensors_moved = reference.fd_direction(x, g0, g1, 2.0), 4
+    else:
+        run = lambda: ops.normalized_step(x, g0, 2.0, out=out)  # noqa: E731
+        want, tensors_moved = reference.normalized_step(x, g0, 2.0), 3
+    run()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    seconds = measure(run, min_run_time).median
+    nbytes = tensors_moved * x.numel() * x.element_size()
+    return {"op": op, "B": batch, "D": d, "seconds": seconds, "GBps": nbytes / seconds / 1e9}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# ater_ext op scaling: {report['machine_name']}", "",
+             f"device `{report['device']}`, torch {report['torch']}, {report['threads']} threads, {report['date']}; "
+             "fp32, preallocated `out=`, median µs (GB/s = bytes read + written / time).", ""]
+    for op in ("fd_direction", "normalized_step"):
+        lines += [f"## {op}", "", "| B \\\\ D | " + " | ".join(str(d) for d in ROW_LENGTHS) + " |",
+                  "|---|" + "---|" * len(ROW_LENGTHS)]
+        for batch in BATCHES:
+            cells = []
+            for d in ROW_LENGTHS:
+                r = next(r for r in report["rows"] if r["op"] == op and r["B"] == batch and r["D"] == d)
+                cells.append(f"{r['seconds'] * 1e6:.1f} µs ({r['GBps']:.0f} GB/s)")
+            lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--min-run-time", type=float, default=0.2)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = p.parse_args(argv)
+    jobs = [(op, b, d) for op in ("fd_direction", "normalized_step") for b in BATCHES for d in ROW_LENGTHS]
+    rows = [case(op, b, d, args.device, args.min_run_time) for op, b, d in tqdm(jobs, desc="scaling")]
+    slug, name = machine_info(args.device)
+    report = {"machine_name": name, "device": args.device, "torch": torch.__version__,
+              "threads": torch.get_num_threads(),
+              "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"scaling-{slug}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"scaling-{slug}.md").write_text(markdown(report) + "\n")
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
