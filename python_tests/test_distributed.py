@@ -80,6 +80,7 @@ def worker(rank, port, name, result_dir):
             loss = loss_of(name, model, x[sl], y[sl], x_ul[sl_ul])
         loss.backward()
         torch.save([p.grad for p in model.module.parameters()], os.path.join(result_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears down the store while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -115,6 +116,7 @@ def syncbn_worker(rank, port, result_dir, backend):
         loss = objectives.ater_loss(model, x[sl].to(device), y[sl].to(device), eps_adv=0.5, eps=0.5, lam=0.3)[0]
         loss.backward()
         torch.save([p.grad.cpu() for p in model.module.parameters()], os.path.join(result_dir, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -352,6 +352,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.resume:
             trainer.resume()
         trainer.run(stop_after=args.stop_after)
+        distributed.barrier(ctx)  # every rank done before the process group (and its store) goes away
     finally:
         distributed.shutdown(ctx)
     return 0
