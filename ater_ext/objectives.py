@@ -88,7 +88,7 @@ class _CleanForward:
         low-precision backward) ``g`` comes from an fp32 pass and the bank is None:
         the terms then keep their graphs for the caller's backward."""
         if passes.work_dtype is not None:
-            return passes.input_grad(self.x_leaf, y, loss_fn)[0], None
+            return self.input_grad(passes, per_sample_loss, y, loss_fn), None
         params = [p for p in self.model.parameters() if p.requires_grad]
         g, *param_grads = torch.autograd.grad(per_sample_loss.sum(), [self.x_leaf, *params], allow_unused=True)
         n = per_sample_loss.numel()
