@@ -1,7 +1,8 @@
 """The training objectives of the paper: ERM, AT, VAT, ATER (Eq. 11) and VATER (Eq. 12).
 
 Each returns ``(loss, stats)``: ``loss`` is a scalar to call ``backward()`` on,
-``stats`` a dict of floats for logging. None of them calls ``zero_grad``,
+``stats`` a dict of floats for logging (of detached 0-dim tensors while a CUDA
+graph is captured, where reading a value would synchronise). None of them calls ``zero_grad``,
 ``backward`` or ``step``. Only the clean forward updates BatchNorm running
 statistics; every other pass goes through :class:`ater_ext.passes.ExtraPasses`.
 Losses are batch means of ``loss_fn`` (cross-entropy by default).
@@ -17,17 +18,20 @@ from torch import Tensor, nn
 from . import ops
 from .energy import (accumulation_dtype, check_batch, check_positive, check_trainable, clamp_to, default_xi,
                      fd_x_max, grad_scale_of, penalty_value, resolve_loss_fn)
-from .passes import ExtraPasses, LossFn, capture_rng_state
+from .passes import ExtraPasses, LossFn, capture_rng_state, is_capturing
 
 __all__ = ["erm_loss", "at_loss", "vat_loss", "ater_loss", "vater_loss"]
 
-Stats = Dict[str, float]
+Stats = Dict[str, Union[float, Tensor]]
 
 
-def _stats(**terms: Tensor) -> Stats:
-    """Detached floats, read back in one device sync."""
-    values = torch.stack([t.detach().float().reshape(()) for t in terms.values()]).tolist()
-    return dict(zip(terms, values))
+def detached_stats(**terms: Tensor) -> Stats:
+    """Detached floats, read back in one device sync; during CUDA graph capture
+    (no sync allowed) the detached tensors, which each replay refreshes."""
+    detached = [t.detach().float().reshape(()) for t in terms.values()]
+    if is_capturing(detached[0].device):
+        return dict(zip(terms, detached))
+    return dict(zip(terms, torch.stack(detached).tolist()))
 
 
 class _PrecomputedGradients(torch.autograd.Function):
@@ -142,7 +146,7 @@ def erm_loss(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: Optional[LossFn
     """Empirical risk: ``L(x)``."""
     check_batch("erm_loss", x, y)
     loss = resolve_loss_fn(loss_fn)(model(x), y)
-    return loss, _stats(loss=loss, ce=loss)
+    return loss, detached_stats(loss=loss, ce=loss)
 
 
 def at_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, loss_fn: Optional[LossFn] = None,
@@ -161,7 +165,7 @@ def at_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, los
         x_adv = clamp_to(ops.normalized_step(x.detach().to(g.dtype), g, eps_adv), clamp).to(x.dtype)
         adv = _first_order_term(bank, loss_fn(passes.forward(x_adv, detach_params=False), y))
     loss = ce + adv if bank is None else bank.loss(ce + adv)
-    return loss, _stats(loss=loss, ce=ce, adv=adv)
+    return loss, detached_stats(loss=loss, ce=ce, adv=adv)
 
 
 def vat_loss(model: nn.Module, x: Tensor, *, eps_vat: float = 2.0, xi_vat: Optional[float] = None,
@@ -182,7 +186,7 @@ def vat_loss(model: nn.Module, x: Tensor, *, eps_vat: float = 2.0, xi_vat: Optio
         with torch.no_grad():
             clean_logits = passes.forward(x.detach(), detach_params=True)
         vat = _vat_term(passes, x, clean_logits, d, eps_vat=eps_vat, xi_vat=xi_vat, ip=int(ip))
-    return vat, _stats(loss=vat, vat=vat)
+    return vat, detached_stats(loss=vat, vat=vat)
 
 
 def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, eps: float = 2.0,
@@ -217,7 +221,7 @@ def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, e
         energy = _energy_from_grad(passes, x, y, g, clamp_to(probe, clamp), loss_fn, eps, clamp, scaler)
     head = ce + adv if bank is None else bank.loss(ce + adv)
     loss = head + lam * energy
-    return loss, _stats(loss=loss, ce=ce, adv=adv, energy=energy)
+    return loss, detached_stats(loss=loss, ce=ce, adv=adv, energy=energy)
 
 
 def vater_loss(model: nn.Module, x_l: Tensor, y_l: Tensor, x_ul: Tensor, *, eps_vat: float = 2.0,
@@ -264,4 +268,4 @@ def vater_loss(model: nn.Module, x_l: Tensor, y_l: Tensor, x_ul: Tensor, *, eps_
         energy = _energy_from_grad(passes, x, y, g, probe, loss_fn, eps, clamp, scaler)
     ce = per_sample[:n_l].mean()
     loss = ce + vat + lam * energy
-    return loss, _stats(loss=loss, ce=ce, vat=vat, energy=energy)
+    return loss, detached_stats(loss=loss, ce=ce, vat=vat, energy=energy)

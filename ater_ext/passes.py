@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["RngState", "capture_rng_state", "restore_rng_state", "unwrap_model", "ExtraPasses"]
+__all__ = ["RngState", "capture_rng_state", "restore_rng_state", "unwrap_model", "is_capturing", "ExtraPasses"]
 
 LossFn = Callable[..., Tensor]
 
@@ -34,14 +34,21 @@ LossFn = Callable[..., Tensor]
 RngState = Tuple[Tensor, Optional[Tuple[int, Tensor]]]
 
 
+def is_capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is recording a CUDA graph (never true off CUDA)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def capture_rng_state(device: torch.device) -> RngState:
     """The RNG state that a forward on ``device`` draws its dropout masks from.
 
     Capture it before a clean forward and pass it as ``rng_state=`` to
     :func:`ater_ext.energy_reg` so that the extra passes reuse that forward's masks.
+    While a CUDA graph is being captured the CUDA generator cannot be read, so
+    only the CPU state is kept (:class:`ExtraPasses` then refuses active dropout).
     """
     cuda_state = None
-    if device.type == "cuda":
+    if device.type == "cuda" and not is_capturing(device):
         index = device.index if device.index is not None else torch.cuda.current_device()
         cuda_state = (index, torch.cuda.get_rng_state(index))
     return torch.get_rng_state(), cuda_state
@@ -96,6 +103,19 @@ def _buffer_plan(module: nn.Module) -> Dict[str, Tuple[Optional[Tensor], bool]]:
 
 def _has_active_dropout(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in module.modules())
+
+
+def _check_capturable(module: nn.Module, compile_mode: Optional[str]) -> None:
+    """Refuses what cannot run inside a CUDA graph capture, with the way out."""
+    if _has_active_dropout(module):
+        raise RuntimeError(
+            "ater_ext: the extra passes reuse the clean forward's dropout masks by restoring the CUDA RNG "
+            "state, which cannot be read while a CUDA graph is captured; capture only models without "
+            "active dropout (or run this step eagerly)")
+    if _MODE_OPTIONS.get(compile_mode, {}).get("triton.cudagraphs", False):
+        raise RuntimeError(
+            f"ater_ext: compile={compile_mode!r} records CUDA graphs of its own, which cannot be nested "
+            "in a CUDA graph capture; use compile=False or 'default' inside a captured step")
 
 
 def _has_cudnn_rnn(module: nn.Module, device: torch.device) -> bool:
@@ -176,6 +196,8 @@ class ExtraPasses:
         mode = check_compile_mode(compile)
         self.compile_mode = None if _has_active_dropout(self.module) else mode
         self.device = x.device
+        if is_capturing(self.device):
+            _check_capturable(self.module, self.compile_mode)
         self._given_rng = rng_state is not None
         self._rng = rng_state if rng_state is not None else capture_rng_state(x.device)
         self._exit_rng: Optional[RngState] = None

@@ -169,7 +169,7 @@ def objective(cfg: TrainConfig, model, x, y, x_ul, scaler):
         ce = F.cross_entropy(model(x), y)
         vat, _ = objectives.vat_loss(model, torch.cat([x, x_ul]), eps_vat=cfg.eps_vat, xi_vat=cfg.xi)
         loss = ce + vat
-        return loss, {"loss": loss.item(), "ce": ce.item(), "vat": vat.item()}
+        return loss, objectives.detached_stats(loss=loss, ce=ce, vat=vat)
     return objectives.vater_loss(model, x, y, x_ul, eps_vat=cfg.eps_vat, eps=cfg.eps, lam=cfg.lam, xi=cfg.xi,
                                  xi_vat=cfg.xi, scaler=scaler, compile=cfg.compile)
 

@@ -1,0 +1,152 @@
+"""One training step (objective, backward, optimiser step), run eagerly or
+replayed from a CUDA graph.
+
+A small model's ATER step on a GPU is bound by kernel launches, not arithmetic:
+the clean forward and backward, the adversarial pass, pass 2 and the penalty's
+double backward are hundreds of small kernels. :class:`TrainStep` with
+``cuda_graph=True`` records the whole step once (PyTorch's whole-network
+capture: `torch.cuda.graph`) and replays it for every later batch, so the CPU
+launches nothing but the replay. Off CUDA it runs the same step eagerly.
+
+    step = ater_ext.TrainStep(model, torch.optim.Adam(model.parameters(), capturable=True),
+                              lambda m, x, y: ater_ext.objectives.ater_loss(m, x, y),
+                              cuda_graph=True)
+    for x, y in loader:          # every batch must have the same shape (drop_last=True)
+        loss = step(x, y)        # a detached tensor; float(loss) synchronises
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .passes import unwrap_model
+
+__all__ = ["TrainStep"]
+
+StepLoss = Callable[[nn.Module, Tensor, Tensor], Union[Tensor, Tuple[Tensor, object]]]
+
+
+def _loss_of(output: Union[Tensor, Tuple[Tensor, object]]) -> Tensor:
+    """The scalar loss of ``loss_fn``'s output: a tensor, or ``(loss, stats)`` as the objectives return."""
+    loss = output[0] if isinstance(output, tuple) else output
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        raise TypeError(f"ater_ext.TrainStep: loss_fn must return a scalar tensor or (scalar tensor, stats), "
+                        f"got {type(loss).__name__}{list(loss.shape) if isinstance(loss, Tensor) else ''}")
+    return loss
+
+
+def check_capturable_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """A captured ``optimizer.step()`` must keep its step counters on the GPU
+    (``capturable=True``, for the optimisers that have the option)."""
+    if any(group.get("capturable") is False for group in optimizer.param_groups):
+        raise ValueError(f"ater_ext.TrainStep: cuda_graph=True needs an optimizer constructed with "
+                         f"capturable=True; {type(optimizer).__name__} has capturable=False")
+
+
+def check_static_batch(static: Tuple[Tensor, Tensor], batch: Tuple[Tensor, Tensor]) -> None:
+    """A CUDA graph replays fixed shapes, dtypes and devices: every batch must match the captured one."""
+    for name, s, b in zip(("x", "y"), static, batch):
+        if b.shape != s.shape or b.dtype != s.dtype or b.device != s.device:
+            raise ValueError(f"ater_ext.TrainStep: the CUDA graph was captured with {name} {list(s.shape)} "
+                             f"{s.dtype} on {s.device}, got {list(b.shape)} {b.dtype} on {b.device}; use equal "
+                             f"batches (DataLoader(drop_last=True)) or a TrainStep per shape")
+
+
+class TrainStep:
+    """``optimizer.zero_grad(); loss_fn(model, x, y).backward(); optimizer.step()``.
+
+    Args:
+        model: the module ``loss_fn`` trains.
+        optimizer: its optimiser; with ``cuda_graph=True`` on CUDA it must be
+            capturable (``torch.optim.Adam(..., capturable=True)``).
+        loss_fn: ``(model, x, y) -> loss`` or ``(loss, stats)`` (as the
+            :mod:`ater_ext.objectives` return).
+        cuda_graph: on CUDA, run the first call eagerly on a side stream (it
+            initialises the optimiser state and the libraries' handles; it is a
+            real step, nothing is repeated), capture the step into a CUDA graph,
+            and replay it for every later call. Off CUDA the step runs eagerly
+            (with a warning), so the same script runs anywhere. The captured
+            step must be capturable: fixed batch shape, no host synchronisation
+            in ``loss_fn`` (``.item()``, printing values), no GradScaler, and for
+            the ater_ext losses no active dropout (refused during capture).
+            Python values read by the captured code are frozen at capture,
+            a float learning rate included: for a schedule give the optimiser
+            a CUDA tensor ``lr`` and change it in place.
+
+    Calling it returns the detached loss (a fresh tensor on each call).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: StepLoss, *,
+                 cuda_graph: bool = False):
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.cuda_graph = bool(cuda_graph)
+        self._graph: Optional[torch.cuda.CUDAGraph] = None
+        self._static_batch: Optional[Tuple[Tensor, Tensor]] = None
+        self._static_loss: Optional[Tensor] = None
+        self._warned_fallback = False
+
+    @property
+    def captured(self) -> bool:
+        """Whether later calls replay a recorded CUDA graph."""
+        return self._graph is not None
+
+    def _eager(self, x: Tensor, y: Tensor) -> Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = _loss_of(self.loss_fn(self.model, x, y))
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        if not self.cuda_graph:
+            return self._eager(x, y)
+        if x.device.type != "cuda":
+            if not self._warned_fallback:
+                warnings.warn(f"ater_ext.TrainStep: cuda_graph=True with x on {x.device}: CUDA graphs need CUDA "
+                              f"tensors, running the step eagerly", stacklevel=2)
+                self._warned_fallback = True
+            return self._eager(x, y)
+        if self._graph is None:
+            return self._first_step_and_capture(x, y)
+        check_static_batch(self._static_batch, (x, y))
+        for static, new in zip(self._static_batch, (x, y)):
+            static.copy_(new)
+        self._graph.replay()
+        return self._static_loss.clone()
+
+    def _first_step_and_capture(self, x: Tensor, y: Tensor) -> Tensor:
+        check_capturable_optimizer(self.optimizer)
+        if unwrap_model(self.model) is not self.model:
+            raise ValueError("ater_ext.TrainStep: cuda_graph=True does not capture DataParallel / "
+                             "DistributedDataParallel models (their reducers synchronise); run DDP steps eagerly")
+        # The first step runs eagerly on a side stream, as PyTorch's capture recipe
+        # requires: it creates the optimiser state and cuBLAS / cuDNN workspaces,
+        # so that the capture below records only steady-state work.
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            loss = self._eager(x, y)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        self._static_batch = (x.detach().clone(), y.detach().clone())
+        # Gradients set to None now are allocated from the graph's private pool
+        # during capture, and every replay writes them there; capture runs
+        # nothing, so the first step's gradients are copied in afterwards.
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        first_grads = [p.grad for p in params]
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_loss = _loss_of(self.loss_fn(self.model, *self._static_batch))
+            static_loss.backward()
+            self.optimizer.step()
+        with torch.no_grad():
+            for p, g in zip(params, first_grads):
+                if p.grad is not None and g is not None:
+                    p.grad.copy_(g)
+        self._graph, self._static_loss = graph, static_loss.detach()
+        return loss

@@ -1,0 +1,48 @@
+"""The step benchmark runs end to end (a --quick smoke run, correctness checks
+included) and judges its targets from the measured ratios."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_step  # noqa: E402
+
+
+def row(seconds, peak=(100.0, 90.0), d=784, batch=256):
+    t = dict(seconds)
+    return {"model": "mlp", "in_features": d, "batch": batch, "seconds": t,
+            "peak_bytes": {"naive_ater": peak[0], "ater": peak[1]}}
+
+
+def test_cpu_targets_from_ratios():
+    r = row({"erm": 1.0, "naive_ater": 6.0, "ater": 4.8})
+    got = {t["text"].split(" =")[0]: t for t in bench_step.targets([r], "cpu")}
+    assert got["ater_ext ATER step / naive eager step"]["status"] == "PASS"
+    assert got["ater_ext ATER step / naive eager step"]["value"] == pytest.approx(0.8)
+    assert got["ater_ext ATER step / ERM step"]["status"] == "PASS"
+    assert got["ater_ext ATER peak memory / naive"]["value"] == pytest.approx(0.9)
+    slow = bench_step.targets([row({"erm": 1.0, "naive_ater": 5.5, "ater": 5.5})], "cpu")
+    assert [t["status"] for t in slow] == ["FAIL", "FAIL", "PASS"]
+    assert "missed by 18%" in slow[0]["text"] and "missed by 10%" in slow[1]["text"]
+
+
+def test_gpu_targets_use_the_captured_step_and_skip_other_rows():
+    r = row({"erm": 1.0, "naive_ater": 10.0, "ater": 7.0, "ater_graph": 4.0, "ater_reduce_overhead": 6.0})
+    got = bench_step.targets([row({"erm": 1.0}, batch=64), r], "cuda")
+    assert [t["status"] for t in got] == ["PASS", "FAIL", "PASS"]
+    assert got[0]["value"] == pytest.approx(0.4) and "missed by 20%" in got[1]["text"]
+    assert bench_step.targets([row({"erm": 1.0}, batch=64)], "cuda") == []
+
+
+def test_quick_step_benchmark_writes_its_report(tmp_path):
+    bench_step.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    (report_file,) = tmp_path.glob("step-*-quick.json")
+    report = json.loads(report_file.read_text())
+    (r,) = report["rows"]
+    assert set(r["seconds"]) == set(bench_step.variants("cpu"))
+    assert all(v > 0 for v in r["seconds"].values())
+    assert r["grad_rel_gap"] < 1e-6  # naive and ater_ext gradients agreed before timing
+    md = report_file.with_suffix(".md").read_text()
+    assert "| mlp 1x28x28 | 64 |" in md and report["machine"] in md

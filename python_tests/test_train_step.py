@@ -1,0 +1,203 @@
+"""TrainStep: the eager step is exactly the hand-written loop; cuda_graph=True
+falls back to it off CUDA (with one warning); the capture rules (static batch,
+capturable optimiser, no dropout, no nested CUDA-graph compile, no host sync in
+the stats) are checked on CPU through their helpers, and end to end on a GPU."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ater_ext
+from ater_ext import objectives, passes, train_step
+from ater_ext.train_step import TrainStep, check_capturable_optimizer, check_static_batch
+
+CUDA = torch.cuda.is_available()
+
+
+def bn_model(dtype=torch.float64, dropout=0.0):
+    torch.manual_seed(0)
+    layers = [nn.Flatten(), nn.Linear(12, 24), nn.BatchNorm1d(24), nn.Tanh()]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers, nn.Linear(24, 4)).to(dtype)
+
+
+def batches(n, dtype=torch.float64, device="cpu"):
+    g = torch.Generator().manual_seed(3)
+    return [(torch.rand(10, 3, 2, 2, generator=g, dtype=dtype).to(device),
+             torch.randint(0, 4, (10,), generator=g).to(device)) for _ in range(n)]
+
+
+def ater(model, x, y):
+    return objectives.ater_loss(model, x, y, eps_adv=0.5, eps=0.7)
+
+
+def manual_loop(model, opt, data):
+    losses = []
+    for x, y in data:
+        opt.zero_grad(set_to_none=True)
+        loss, _ = ater(model, x, y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return losses
+
+
+def state_of(model):
+    return [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
+
+
+def test_eager_step_is_the_hand_written_loop():
+    data = batches(3)
+    ref_model = bn_model()
+    model = copy.deepcopy(ref_model)
+    ref_losses = manual_loop(ref_model, torch.optim.Adam(ref_model.parameters(), lr=1e-2), data)
+    step = TrainStep(model, torch.optim.Adam(model.parameters(), lr=1e-2), ater)
+    losses = [step(x, y) for x, y in data]
+    assert not step.captured
+    assert all(torch.equal(a, b) for a, b in zip(losses, ref_losses))
+    assert all(torch.equal(a, b) for a, b in zip(state_of(model), state_of(ref_model)))
+    assert not losses[0].requires_grad
+
+
+def test_cuda_graph_off_cuda_runs_eagerly_and_warns_once():
+    data = batches(3)
+    ref_model = bn_model()
+    model = copy.deepcopy(ref_model)
+    manual_loop(ref_model, torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9), data)
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), ater, cuda_graph=True)
+    with pytest.warns(UserWarning, match="cuda_graph=True with x on cpu") as record:
+        for x, y in data:
+            step(x, y)
+    assert len(record) == 1
+    assert not step.captured
+    assert all(torch.equal(a, b) for a, b in zip(state_of(model), state_of(ref_model)))
+
+
+def test_loss_fn_may_return_a_bare_scalar():
+    x, y = batches(1)[0]
+    model = bn_model()
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                     lambda m, x, y: nn.functional.cross_entropy(m(x), y))
+    loss = step(x, y)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("bad", [lambda m, x, y: m(x), lambda m, x, y: (3.0, {})])
+def test_loss_fn_must_return_a_scalar_tensor(bad):
+    x, y = batches(1)[0]
+    model = bn_model()
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), bad)
+    with pytest.raises(TypeError, match=r"TrainStep: loss_fn must return a scalar tensor"):
+        step(x, y)
+
+
+def test_static_batch_check_names_the_shapes():
+    x, y = batches(1)[0]
+    check_static_batch((x, y), (x.clone(), y.clone()))
+    with pytest.raises(ValueError, match=r"captured with x \[10, 3, 2, 2\] torch.float64 on cpu, got \[9, 3, 2, 2\]"):
+        check_static_batch((x, y), (x[:9], y[:9]))
+    with pytest.raises(ValueError, match=r"captured with y \[10\] torch.int64 on cpu, got \[10\] torch.int32"):
+        check_static_batch((x, y), (x, y.int()))
+
+
+def test_capturable_optimizer_check():
+    params = list(bn_model().parameters())
+    check_capturable_optimizer(torch.optim.SGD(params, lr=0.1))  # no step counters to capture
+    check_capturable_optimizer(torch.optim.Adam(params, capturable=True))
+    with pytest.raises(ValueError, match="capturable=True; Adam has capturable=False"):
+        check_capturable_optimizer(torch.optim.Adam(params))
+
+
+@pytest.fixture
+def capturing(monkeypatch):
+    """Makes the CPU look like a stream under CUDA graph capture, to run the capture-time branches."""
+    monkeypatch.setattr(passes, "is_capturing", lambda device: True)
+    monkeypatch.setattr(objectives, "is_capturing", lambda device: True)
+
+
+def test_stats_stay_tensors_during_capture(capturing):
+    x, y = batches(1)[0]
+    loss, stats = ater(bn_model(), x, y)
+    assert set(stats) == {"loss", "ce", "adv", "energy"}
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in stats.values())
+    torch.testing.assert_close(stats["loss"], loss.detach().float())
+
+
+def test_stats_are_floats_outside_capture():
+    x, y = batches(1)[0]
+    _, stats = ater(bn_model(), x, y)
+    assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_capture_refuses_active_dropout(capturing):
+    x, y = batches(1)[0]
+    with pytest.raises(RuntimeError, match="dropout masks .* CUDA graph"):
+        ater(bn_model(dropout=0.3), x, y)
+    model = bn_model(dropout=0.3).eval()  # inactive dropout is fine
+    ater(model, x, y)
+
+
+def test_capture_refuses_nested_cuda_graph_compile(capturing):
+    x, y = batches(1)[0]
+    with pytest.raises(RuntimeError, match="compile='reduce-overhead' records CUDA graphs"):
+        objectives.ater_loss(bn_model(), x, y, compile="reduce-overhead")
+
+
+def test_ddp_wrapped_model_is_refused_for_capture():
+    model = nn.DataParallel(bn_model())
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), ater, cuda_graph=True)
+    with pytest.raises(ValueError, match="does not capture DataParallel"):
+        step._first_step_and_capture(*batches(1)[0])
+
+
+def test_exported():
+    assert ater_ext.TrainStep is train_step.TrainStep
+
+
+# --- on a GPU: capture and replay for real --------------------------------------------------
+
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+@cuda_only
+def test_cuda_graph_replay_matches_eager_steps():
+    data = batches(5, dtype=torch.float32, device="cuda")
+    ref_model = bn_model(torch.float32).cuda()
+    model = copy.deepcopy(ref_model)
+    ref_opt = torch.optim.Adam(ref_model.parameters(), lr=1e-2, capturable=True)
+    ref_losses = manual_loop(ref_model, ref_opt, data[:1])
+    step = TrainStep(model, torch.optim.Adam(model.parameters(), lr=1e-2, capturable=True), ater, cuda_graph=True)
+    losses = [step(*data[0])]
+    assert step.captured
+    # after the first call, .grad holds that step's gradients, not the capture's scratch
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    ref_losses += manual_loop(ref_model, ref_opt, data[1:])
+    losses += [step(x, y) for x, y in data[1:]]
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), rtol=1e-4, atol=1e-5)
+    for a, b in zip(state_of(model), state_of(ref_model)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@cuda_only
+def test_cuda_graph_rejects_a_batch_of_another_shape():
+    data = batches(2, dtype=torch.float32, device="cuda")
+    model = bn_model(torch.float32).cuda()
+    step = TrainStep(model, torch.optim.Adam(model.parameters(), capturable=True), ater, cuda_graph=True)
+    step(*data[0])
+    with pytest.raises(ValueError, match="captured with x"):
+        step(data[1][0][:5], data[1][1][:5])
+
+
+@cuda_only
+def test_cuda_graph_capture_refuses_dropout_and_plain_adam():
+    x, y = batches(1, dtype=torch.float32, device="cuda")[0]
+    model = bn_model(torch.float32).cuda()
+    with pytest.raises(ValueError, match="capturable=True"):
+        TrainStep(model, torch.optim.Adam(model.parameters()), ater, cuda_graph=True)(x, y)
+    model = bn_model(torch.float32, dropout=0.3).cuda()
+    step = TrainStep(model, torch.optim.Adam(model.parameters(), capturable=True), ater, cuda_graph=True)
+    with pytest.raises(RuntimeError, match="dropout"):
+        step(x, y)
