@@ -4,8 +4,9 @@ CUDA sources are compiled when a GPU and a CUDA toolkit are present, or when
 FORCE_CUDA=1 (CI does this so that a .cu that does not compile fails CI).
 TORCH_CUDA_ARCH_LIST is honoured; the default covers sm_80 and sm_90.
 The CPU kernels use at::vec with the widest ISA the build machine supports
-(the package is built from source where it runs); set
-ATER_EXT_CPU_ISA=default|avx2|avx512 to choose another.
+(the package is built from source where it runs; avx512_bf16 adds the
+native bf16 conversion where the CPU has it); set
+ATER_EXT_CPU_ISA=default|avx2|avx512|avx512_bf16 to choose another.
 """
 import glob
 import os
@@ -23,6 +24,8 @@ CPU_ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
 }
+# AVX512 plus the native fp32 -> bf16 conversion (row_ops_cpu.cpp's bf16 stores)
+CPU_ISA_FLAGS["avx512_bf16"] = CPU_ISA_FLAGS["avx512"] + ["-mavx512bf16"]
 
 
 def cpu_isa() -> str:
@@ -34,6 +37,8 @@ def cpu_isa() -> str:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "default"
     capability = torch.backends.cpu.get_cpu_capability().lower()
+    if capability == "avx512" and torch.cpu._is_avx512_bf16_supported():
+        return "avx512_bf16"
     return capability if capability in CPU_ISA_FLAGS else "default"
 
 

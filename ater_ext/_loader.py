@@ -6,6 +6,7 @@ _SUPPORTED = {
     "default": lambda: True,
     "avx2": torch.cpu._is_avx2_supported,
     "avx512": torch.cpu._is_avx512_supported,
+    "avx512_bf16": lambda: torch.cpu._is_avx512_supported() and torch.cpu._is_avx512_bf16_supported(),
 }
 
 try:

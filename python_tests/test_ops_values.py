@@ -469,3 +469,32 @@ def test_cuda_matches_cpu(shape, dtype, device):
             assert a.device.type == "cuda"
             assert_step_close(a.cpu(), b, x, s, what=f"{name} cuda vs cpu")
     assert_norm_close(ops.row_norm(g.to(device)).cpu(), ops.row_norm(g), what="row_norm cuda vs cpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_reduced_outputs_round_to_nearest_even_and_keep_denormals(dtype, device):
+    """With one-hot rows (norm 1, so u = g exactly) the step is out = round(x + scale * g):
+    one fp32 add, then one rounding to the output dtype, which must be torch's
+    (round half to even, denormals kept, not flushed: the CPU's native bf16
+    conversion flushes them and must not be used for such chunks)."""
+    info = torch.finfo(dtype)
+    ulp1 = info.eps  # spacing just above 1.0
+    rows = 96  # several SIMD chunks per row, some rows normal, some denormal
+    x = torch.ones(rows, 64, dtype=torch.float32)
+    x[1::2] += ulp1  # odd last mantissa bit: a tie rounds up there, down on even rows
+    tiny = info.smallest_normal
+    x[rows // 2:] = torch.linspace(-4 * tiny, 4 * tiny, 64)  # denormal-range outputs
+    g = torch.zeros_like(x)
+    g[:, 5] = 1.0
+    scale = ulp1 / 2  # exactly half an ulp at 1.0: a tie
+    x_r = x.to(dtype)
+    cases = {"tie": scale, "denormal": tiny / 8}
+    for what, s in cases.items():
+        want = (x_r.float() + s * g).to(dtype)
+        got = ops.normalized_step(x_r.to(device), g.to(dtype).to(device), s).cpu()
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), what
+    # the tie case really contains both roundings, and the denormal case nonzero denormals
+    tied = ops.normalized_step(x_r, g.to(dtype), cases["tie"])[: rows // 2, 5].float()
+    assert set(tied.tolist()) == {1.0, 1.0 + 2 * ulp1}
+    assert ((x_r[rows // 2:].float().abs() < tiny) & (x_r[rows // 2:] != 0)).any()

@@ -14,6 +14,8 @@
 
 #include <cmath>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include "checks.h"
 #include "row_math.h"
@@ -22,6 +24,22 @@ namespace ater_ext {
 namespace {
 
 using at::vec::Vectorized;
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+// 32 floats -> bf16 with VCVTNE2PS2BF16: round to nearest even, as c10's
+// conversion, in one instruction instead of a dozen. The instruction flushes
+// denormals to zero, so chunks holding any fp32 denormal take the portable
+// conversion (which keeps bf16 denormals); NaNs stay NaN either way.
+inline void store_bf16_native(at::BFloat16* p, const Vectorized<float>& lo, const Vectorized<float>& hi) {
+  constexpr int kDenormal = 0x20;  // vfpclassps category
+  const __m512 a = lo, b = hi;
+  if (_mm512_fpclass_ps_mask(a, kDenormal) | _mm512_fpclass_ps_mask(b, kDenormal)) {
+    at::vec::convert_from_float<at::BFloat16>(lo, hi).store(p);
+    return;
+  }
+  _mm512_storeu_si512(p, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));  // b -> high half
+}
+#endif
 
 // One SIMD chunk of a row, widened to the accumulation type:
 // Vectorized<scalar_t>::size() elements held as kParts Vectorized<acc_t>.
@@ -35,6 +53,17 @@ struct AccChunk {
 
   AVec part[kParts];
 
+  // the same chunk kept widened in an acc_t buffer (kSize values from p)
+  static AccChunk load_acc(const acc_t* p) {
+    AccChunk c;
+    for (int k = 0; k < kParts; ++k) c.part[k] = AVec::loadu(p + k * AVec::size());
+    return c;
+  }
+
+  void store_acc(acc_t* p) const {
+    for (int k = 0; k < kParts; ++k) part[k].store(p + k * AVec::size());
+  }
+
   static AccChunk load(const scalar_t* p) {
     AccChunk c;
     if constexpr (kReduced) {
@@ -47,6 +76,12 @@ struct AccChunk {
   }
 
   void store(scalar_t* p) const {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      store_bf16_native(p, part[0], part[1]);
+      return;
+    }
+#endif
     if constexpr (kReduced) {
       at::vec::convert_from_float<scalar_t>(part[0], part[1]).store(p);
     } else {
@@ -82,6 +117,35 @@ struct DiffRow {  // v = g1 - g0, the difference taken in acc_t
   }
 };
 
+// v already widened into a per-thread acc_t buffer by the reduction pass, so
+// the write pass neither re-reads the inputs nor converts or subtracts again.
+template <typename scalar_t>
+struct StashedRow {
+  using Chunk = AccChunk<scalar_t>;
+  using acc_t = typename Chunk::acc_t;
+  const acc_t* v;
+  Chunk chunk(int64_t i) const { return Chunk::load_acc(v + i); }
+  acc_t at(int64_t i) const { return v[i]; }
+};
+
+struct NoStash {
+  template <typename T>
+  void operator()(int64_t, const T&) const {}
+};
+
+template <typename acc_t>
+struct StashTo {  // keeps each chunk (and tail value) of v in buf
+  acc_t* buf;
+  template <typename Chunk>
+  void operator()(int64_t i, const Chunk& c) const {
+    if constexpr (std::is_same_v<Chunk, acc_t>) {
+      buf[i] = c;
+    } else {
+      c.store_acc(buf + i);
+    }
+  }
+};
+
 // How to normalise one row: u_i = (slow ? v_i / divisor : v_i) * multiplier.
 template <typename acc_t>
 struct RowScale {
@@ -92,9 +156,11 @@ struct RowScale {
 };
 
 // Sum over the row of f(v chunk) with 4 independent accumulators (ILP), then
-// the scalar tail; f maps an acc vector to its per-lane contribution.
-template <typename Row, typename VecFn, typename ScalarFn>
-typename Row::acc_t reduce_row(const Row& row, int64_t D, VecFn vec_fn, ScalarFn scalar_fn) {
+// the scalar tail; f maps an acc vector to its per-lane contribution. stash
+// sees every chunk and tail value of v on the way.
+template <typename Row, typename VecFn, typename ScalarFn, typename Stash = NoStash>
+typename Row::acc_t reduce_row(const Row& row, int64_t D, VecFn vec_fn, ScalarFn scalar_fn,
+                               const Stash& stash = Stash()) {
   using Chunk = typename Row::Chunk;
   using acc_t = typename Row::acc_t;
   using AVec = typename Chunk::AVec;
@@ -104,6 +170,8 @@ typename Row::acc_t reduce_row(const Row& row, int64_t D, VecFn vec_fn, ScalarFn
   for (; i + 2 * kSize <= D; i += 2 * kSize) {
     const Chunk c0 = row.chunk(i);
     const Chunk c1 = row.chunk(i + kSize);
+    stash(i, c0);
+    stash(i + kSize, c1);
     for (int p = 0; p < Chunk::kParts; ++p) {
       acc[p] = acc[p] + vec_fn(c0.part[p]);
       acc[2 + p] = acc[2 + p] + vec_fn(c1.part[p]);
@@ -111,11 +179,16 @@ typename Row::acc_t reduce_row(const Row& row, int64_t D, VecFn vec_fn, ScalarFn
   }
   for (; i + kSize <= D; i += kSize) {
     const Chunk c = row.chunk(i);
+    stash(i, c);
     for (int p = 0; p < Chunk::kParts; ++p) acc[p] = acc[p] + vec_fn(c.part[p]);
   }
   acc_t total = at::vec::vec_reduce_all<acc_t>(
       [](AVec a, AVec b) { return a + b; }, (acc[0] + acc[1]) + (acc[2] + acc[3]));
-  for (; i < D; ++i) total += scalar_fn(row.at(i));
+  for (; i < D; ++i) {
+    const acc_t v = row.at(i);
+    stash(i, v);
+    total += scalar_fn(v);
+  }
   return total;
 }
 
@@ -140,14 +213,19 @@ typename Row::acc_t max_abs_row(const Row& row, int64_t D) {
   return result;
 }
 
-// The scale-safe rule of row_math.h: one fast pass; a max-abs rescaled pair
-// of passes only for tiny, huge, zero or non-finite rows.
-template <typename Row>
-RowScale<typename Row::acc_t> row_scale(const Row& row, int64_t D) {
+template <typename Row, typename Stash = NoStash>
+typename Row::acc_t sum_of_squares(const Row& row, int64_t D, const Stash& stash = Stash()) {
   using acc_t = typename Row::acc_t;
   using AVec = typename Row::Chunk::AVec;
-  const acc_t sumsq = reduce_row(
-      row, D, [](AVec v) { return v * v; }, [](acc_t v) { return v * v; });
+  return reduce_row(row, D, [](AVec v) { return v * v; }, [](acc_t v) { return v * v; }, stash);
+}
+
+// The scale-safe rule of row_math.h: one fast pass (its sum of squares given);
+// a max-abs rescaled pair of passes only for tiny, huge, zero or non-finite rows.
+template <typename Row>
+RowScale<typename Row::acc_t> row_scale(const Row& row, int64_t D, typename Row::acc_t sumsq) {
+  using acc_t = typename Row::acc_t;
+  using AVec = typename Row::Chunk::AVec;
   if (sumsq_is_safe(sumsq)) {
     const acc_t norm = std::sqrt(sumsq);
     return {false, acc_t(1), acc_t(1) / norm, norm};
@@ -160,6 +238,11 @@ RowScale<typename Row::acc_t> row_scale(const Row& row, int64_t D) {
       [m](acc_t v) { const acc_t w = v / m; return w * w; });
   const acc_t root = std::sqrt(s);
   return {true, m, acc_t(1) / root, m * root};
+}
+
+template <typename Row>
+RowScale<typename Row::acc_t> row_scale(const Row& row, int64_t D) {
+  return row_scale(row, D, sum_of_squares(row, D));
 }
 
 // Writes out_k = x + scales[k] * u for K outputs from one read of the row,
@@ -200,6 +283,16 @@ void write_steps(const Row& row, const scalar_t* x, scalar_t* const* outs, const
   }
 }
 
+template <int K, typename Row, typename scalar_t>
+void write_row_steps(const Row& row, const RowScale<typename Row::acc_t>& rs, const scalar_t* x,
+                     scalar_t* const* outs, const double* scales, int64_t D) {
+  if (rs.slow) {
+    write_steps<true, K>(row, x, outs, scales, rs, D);
+  } else {
+    write_steps<false, K>(row, x, outs, scales, rs, D);
+  }
+}
+
 // Rows per parallel task: at least ~32K elements of work each.
 int64_t row_grain(int64_t D) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(D, 1)); }
 
@@ -212,16 +305,23 @@ void steps_kernel(const at::Tensor& x, std::array<at::Tensor, K>& outs,
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   std::array<scalar_t*, K> out_ptr;
   for (int k = 0; k < K; ++k) out_ptr[k] = outs[k].template mutable_data_ptr<scalar_t>();
+  using acc_t = at::opmath_type<scalar_t>;
+  // fp16 / bf16: the reduction pass keeps v widened in a per-thread fp32 row,
+  // which saves the write pass its conversions (they, not memory, bound these
+  // dtypes on CPU). fp32 / fp64 re-read the inputs instead: cheaper than a stash.
+  constexpr bool kStash = AccChunk<scalar_t>::kReduced;
   at::parallel_for(0, B, row_grain(D), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> stash(kStash ? D : 0);
     std::array<scalar_t*, K> row_out;
     for (int64_t b = begin; b < end; ++b) {
-      const auto row = make_row(b * D);
-      const auto rs = row_scale(row, D);
       for (int k = 0; k < K; ++k) row_out[k] = out_ptr[k] + b * D;
-      if (rs.slow) {
-        write_steps<true, K>(row, x_ptr + b * D, row_out.data(), scales.data(), rs, D);
+      const auto row = make_row(b * D);
+      if constexpr (kStash) {
+        const StashedRow<scalar_t> v{stash.data()};
+        write_row_steps<K>(v, row_scale(v, D, sum_of_squares(row, D, StashTo<acc_t>{stash.data()})),
+                           x_ptr + b * D, row_out.data(), scales.data(), D);
       } else {
-        write_steps<false, K>(row, x_ptr + b * D, row_out.data(), scales.data(), rs, D);
+        write_row_steps<K>(row, row_scale(row, D), x_ptr + b * D, row_out.data(), scales.data(), D);
       }
     }
   });
