@@ -55,9 +55,11 @@ class _PrecomputedGradients(torch.autograd.Function):
 
 
 class _GradientBank:
-    """Parameter gradients of first-order loss terms, computed as soon as each
-    term exists (so its graph is freed at once instead of living through the
-    penalty's double backward) and handed over in the caller's backward."""
+    """Parameter gradients of loss terms, computed as soon as each term exists
+    (so its graph is freed at once instead of living through the penalty's
+    double backward) and handed over in the caller's backward. Computing them
+    with ``autograd.grad(term, params)`` also skips work a plain backward would
+    do for leaves that are not parameters (the penalty's input ``x_max``)."""
 
     def __init__(self, params, grads):
         self.params = params
@@ -69,7 +71,7 @@ class _GradientBank:
                 self.grads[i] = g if self.grads[i] is None else self.grads[i].add_(g)
 
     def loss(self, value: Tensor) -> Tensor:
-        """``value`` (detached) whose backward gives the banked gradients; first-order only."""
+        """``value`` (detached) whose backward gives the banked gradients (once; not twice differentiable)."""
         return _PrecomputedGradients.apply(value.detach(), tuple(self.grads), *self.params)
 
 
@@ -108,7 +110,7 @@ class _CleanForward:
         return g
 
 
-def _first_order_term(bank: Optional[_GradientBank], term: Tensor) -> Tensor:
+def _banked_term(bank: Optional[_GradientBank], term: Tensor) -> Tensor:
     """Banks ``term``'s parameter gradients now (freeing its graph) when there is a bank."""
     if bank is None:
         return term
@@ -163,7 +165,7 @@ def at_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, los
     with ExtraPasses(model, x, clean.rng_state) as passes:
         g, bank = clean.input_grad_and_bank(passes, per_sample, y, loss_fn)
         x_adv = clamp_to(ops.normalized_step(x.detach().to(g.dtype), g, eps_adv), clamp).to(x.dtype)
-        adv = _first_order_term(bank, loss_fn(passes.forward(x_adv, detach_params=False), y))
+        adv = _banked_term(bank, loss_fn(passes.forward(x_adv, detach_params=False), y))
     loss = ce + adv if bank is None else bank.loss(ce + adv)
     return loss, detached_stats(loss=loss, ce=ce, adv=adv)
 
@@ -216,11 +218,14 @@ def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, e
     with ExtraPasses(model, x, clean.rng_state, compile=compile) as passes:
         g, bank = clean.input_grad_and_bank(passes, per_sample, y, loss_fn)
         x_adv, probe = ops.dual_normalized_step(x.detach().to(g.dtype), g, eps_adv, xi)
-        adv = _first_order_term(bank, loss_fn(passes.forward(clamp_to(x_adv, clamp).to(x.dtype),
+        adv = _banked_term(bank, loss_fn(passes.forward(clamp_to(x_adv, clamp).to(x.dtype),
                                                              detach_params=False), y))
         energy = _energy_from_grad(passes, x, y, g, clamp_to(probe, clamp), loss_fn, eps, clamp, scaler)
-    head = ce + adv if bank is None else bank.loss(ce + adv)
-    loss = head + lam * energy
+    # The penalty's gradients are banked like the other terms': autograd.grad to
+    # the parameters skips the input gradient at x_max that a plain backward
+    # would compute (one first-layer matmul per step).
+    penalty = _banked_term(bank, lam * energy)
+    loss = ce + adv + penalty if bank is None else bank.loss(ce + adv + penalty)
     return loss, detached_stats(loss=loss, ce=ce, adv=adv, energy=energy)
 
 
