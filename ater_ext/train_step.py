@@ -8,8 +8,8 @@ double backward are hundreds of small kernels. :class:`TrainStep` with
 capture: `torch.cuda.graph`) and replays it for every later batch, so the CPU
 launches nothing but the replay. Off CUDA it runs the same step eagerly.
 
-    step = ater_ext.TrainStep(model, torch.optim.Adam(model.parameters(), capturable=True),
-                              lambda m, x, y: ater_ext.objectives.ater_loss(m, x, y),
+    optimizer = torch.optim.Adam(model.parameters(), capturable=True)   # CUDA parameters
+    step = ater_ext.TrainStep(model, optimizer, lambda m, x, y: ater_ext.objectives.ater_loss(m, x, y),
                               cuda_graph=True)
     for x, y in loader:          # every batch must have the same shape (drop_last=True)
         loss = step(x, y)        # a detached tensor; float(loss) synchronises
@@ -17,7 +17,7 @@ launches nothing but the replay. Off CUDA it runs the same step eagerly.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -39,11 +39,14 @@ def _loss_of(output: Union[Tensor, Tuple[Tensor, object]]) -> Tensor:
 
 
 def check_capturable_optimizer(optimizer: torch.optim.Optimizer) -> None:
-    """A captured ``optimizer.step()`` must keep its step counters on the GPU
-    (``capturable=True``, for the optimisers that have the option)."""
-    if any(group.get("capturable") is False for group in optimizer.param_groups):
-        raise ValueError(f"ater_ext.TrainStep: cuda_graph=True needs an optimizer constructed with "
-                         f"capturable=True; {type(optimizer).__name__} has capturable=False")
+    """A captured ``optimizer.step()`` must do all its work on the GPU: optimisers
+    with ``capturable=True`` (Adam, AdamW, ...: step counters on the device) or
+    SGD (no counters). Others keep host-side state that a replay would freeze."""
+    if isinstance(optimizer, torch.optim.SGD):
+        return
+    if not all(group.get("capturable") is True for group in optimizer.param_groups):
+        raise ValueError(f"ater_ext.TrainStep: cuda_graph=True needs torch.optim.SGD or an optimizer constructed "
+                         f"with capturable=True (e.g. Adam, AdamW); got {type(optimizer).__name__} without it")
 
 
 def check_static_batch(static: Tuple[Tensor, Tensor], batch: Tuple[Tensor, Tensor]) -> None:
@@ -60,8 +63,8 @@ class TrainStep:
 
     Args:
         model: the module ``loss_fn`` trains.
-        optimizer: its optimiser; with ``cuda_graph=True`` on CUDA it must be
-            capturable (``torch.optim.Adam(..., capturable=True)``).
+        optimizer: its optimiser; with ``cuda_graph=True`` on CUDA, SGD or one
+            constructed with ``capturable=True`` (Adam, AdamW; CUDA parameters only).
         loss_fn: ``(model, x, y) -> loss`` or ``(loss, stats)`` (as the
             :mod:`ater_ext.objectives` return).
         cuda_graph: on CUDA, run the first call eagerly on a side stream (it
@@ -71,12 +74,16 @@ class TrainStep:
             (with a warning), so the same script runs anywhere. The captured
             step must be capturable: fixed batch shape, no host synchronisation
             in ``loss_fn`` (``.item()``, printing values), no GradScaler, and for
-            the ater_ext losses no active dropout (refused during capture).
-            Python values read by the captured code are frozen at capture,
-            a float learning rate included: for a schedule give the optimiser
-            a CUDA tensor ``lr`` and change it in place.
+            the ater_ext losses no active dropout (refused during capture),
+            autocast entered inside ``loss_fn`` (not around the call), one
+            process (no DDP). Python values read by the captured code are
+            frozen at capture, a float learning rate included: for a schedule
+            give Adam / AdamW (``capturable=True``) a CUDA tensor ``lr`` and
+            change it in place. If capturing fails, the error says so; the
+            first (eager) step has been applied and its gradients are in ``.grad``.
 
-    Calling it returns the detached loss (a fresh tensor on each call).
+    Calling it returns the detached loss (a fresh tensor on each call);
+    :attr:`last_stats` has the stats of the last step when ``loss_fn`` returns them.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: StepLoss, *,
@@ -88,6 +95,9 @@ class TrainStep:
         self._graph: Optional[torch.cuda.CUDAGraph] = None
         self._static_batch: Optional[Tuple[Tensor, Tensor]] = None
         self._static_loss: Optional[Tensor] = None
+        self._stats: Optional[Dict[str, Union[float, Tensor]]] = None
+        self._captured_stats: Optional[Dict[str, Union[float, Tensor]]] = None
+        self._capture_error: Optional[BaseException] = None
         self._warned_fallback = False
 
     @property
@@ -95,9 +105,24 @@ class TrainStep:
         """Whether later calls replay a recorded CUDA graph."""
         return self._graph is not None
 
+    @property
+    def last_stats(self) -> Optional[Dict[str, float]]:
+        """The stats ``loss_fn`` returned for the last step (floats; after a
+        replay, reading them waits for the GPU), or None."""
+        if self._stats is None:
+            return None
+        return {k: float(v) for k, v in self._stats.items()}
+
+    def _run_loss(self, x: Tensor, y: Tensor) -> Tensor:
+        output = self.loss_fn(self.model, x, y)
+        loss = _loss_of(output)
+        stats = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        self._stats = stats if isinstance(stats, dict) else None
+        return loss
+
     def _eager(self, x: Tensor, y: Tensor) -> Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = _loss_of(self.loss_fn(self.model, x, y))
+        loss = self._run_loss(x, y)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
@@ -111,27 +136,40 @@ class TrainStep:
                               f"tensors, running the step eagerly", stacklevel=2)
                 self._warned_fallback = True
             return self._eager(x, y)
-        if self._graph is None:
-            return self._first_step_and_capture(x, y)
-        check_static_batch(self._static_batch, (x, y))
-        for static, new in zip(self._static_batch, (x, y)):
-            static.copy_(new)
-        self._graph.replay()
-        return self._static_loss.clone()
+        if self._capture_error is not None:
+            raise RuntimeError(f"ater_ext.TrainStep: this step could not be captured ({self._capture_error}); "
+                               f"use cuda_graph=False for it") from self._capture_error
+        with torch.cuda.device(x.device):
+            if self._graph is None:
+                return self._first_step_and_capture(x, y)
+            check_static_batch(self._static_batch, (x, y))
+            for static, new in zip(self._static_batch, (x, y)):
+                static.copy_(new)
+            self._graph.replay()
+            self._stats = self._captured_stats  # tensors each replay refreshes
+            return self._static_loss.clone()
 
-    def _first_step_and_capture(self, x: Tensor, y: Tensor) -> Tensor:
+    def _check_can_capture(self) -> None:
         check_capturable_optimizer(self.optimizer)
         if unwrap_model(self.model) is not self.model:
             raise ValueError("ater_ext.TrainStep: cuda_graph=True does not capture DataParallel / "
                              "DistributedDataParallel models (their reducers synchronise); run DDP steps eagerly")
+        if torch.is_autocast_enabled("cuda"):
+            # the capture would reuse the eager step's cached weight casts, freed when autocast exits
+            raise ValueError("ater_ext.TrainStep: cuda_graph=True called inside torch.autocast; enter autocast "
+                             "inside loss_fn instead (torch.autocast('cuda', dtype, cache_enabled=False))")
+
+    def _first_step_and_capture(self, x: Tensor, y: Tensor) -> Tensor:
+        self._check_can_capture()
         # The first step runs eagerly on a side stream, as PyTorch's capture recipe
         # requires: it creates the optimiser state and cuBLAS / cuDNN workspaces,
-        # so that the capture below records only steady-state work.
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
+        # so that the capture (on the same stream) records only steady-state work.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             loss = self._eager(x, y)
-        torch.cuda.current_stream(x.device).wait_stream(side)
+        torch.cuda.current_stream().wait_stream(side)
+        eager_stats = self._stats
         self._static_batch = (x.detach().clone(), y.detach().clone())
         # Gradients set to None now are allocated from the graph's private pool
         # during capture, and every replay writes them there; capture runs
@@ -140,13 +178,23 @@ class TrainStep:
         first_grads = [p.grad for p in params]
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_loss = _loss_of(self.loss_fn(self.model, *self._static_batch))
-            static_loss.backward()
-            self.optimizer.step()
+        try:
+            # thread_local: other threads' CUDA calls (a DataLoader's pin-memory
+            # thread) must not invalidate this capture
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                static_loss = self._run_loss(*self._static_batch)
+                static_loss.backward()
+                self.optimizer.step()
+        except Exception as exc:
+            for p, g in zip(params, first_grads):
+                p.grad = g
+            self._stats, self._capture_error = eager_stats, exc
+            raise RuntimeError(f"ater_ext.TrainStep: capturing the step in a CUDA graph failed (the first "
+                               f"step ran eagerly and was applied): {exc}") from exc
         with torch.no_grad():
             for p, g in zip(params, first_grads):
                 if p.grad is not None and g is not None:
                     p.grad.copy_(g)
         self._graph, self._static_loss = graph, static_loss.detach()
+        self._captured_stats, self._stats = self._stats, eager_stats
         return loss

@@ -283,3 +283,34 @@ def test_objective_errors_name_the_objective():
         O.vat_loss(model, x, eps_vat=float("nan"))
     with pytest.raises((ValueError, RuntimeError), match="vater_loss"):
         O.vater_loss(model, x[:4], y[:3], x[4:])
+
+
+class _SharedGradients(nn.Module):
+    """Its weight is ``w1 + w2`` (autograd hands both parameters one gradient tensor)
+    and its scale enters through ``.sum()`` (a stride-0 expanded gradient): the
+    objectives' gradient bank must not update either in place."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.w1 = nn.Parameter(0.3 * torch.randn(10, 20, generator=g, dtype=F64))
+        self.w2 = nn.Parameter(0.3 * torch.randn(10, 20, generator=g, dtype=F64))
+        self.scale = nn.Parameter(torch.full((3,), 0.5, dtype=F64))
+
+    def forward(self, x):
+        return torch.tanh(x.flatten(1) @ (self.w1 + self.w2).T) * self.scale.sum()
+
+
+@pytest.mark.parametrize("name", ["at", "ater"])
+def test_shared_and_expanded_gradients_match_reference(name):
+    model = _SharedGradients()
+    twin = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(24, 20, generator=g, dtype=F64), torch.randint(0, 10, (24,), generator=g)
+    fast = {"at": O.at_loss, "ater": O.ater_loss}[name]
+    slow = {"at": R.ref_at_loss, "ater": R.ref_ater_loss}[name]
+    kw = OBJECTIVES[name]
+    loss, _ = fast(model, x, y, **kw)
+    ref = slow(twin, x, y, **kw)
+    close(loss, ref, RTOL, f"{name} loss")
+    close_grads(param_grads(loss, model), param_grads(ref, twin), RTOL, f"{name} gradients")

@@ -20,3 +20,9 @@ def test_training_loop_snippet_runs(capsys):
     model = namespace["model"]
     # the snippet trained: every parameter received a gradient
     assert all(p.grad is not None and bool(p.grad.isfinite().all()) for p in model.parameters())
+
+
+def test_train_step_snippet_runs(capsys, recwarn):
+    exec(compile(_section_code("A whole step in one CUDA graph: `TrainStep`"), str(README), "exec"), {})
+    loss = float(capsys.readouterr().out.split("loss ")[1])
+    assert loss > 0 and loss == loss

@@ -104,10 +104,26 @@ def test_static_batch_check_names_the_shapes():
 
 def test_capturable_optimizer_check():
     params = list(bn_model().parameters())
-    check_capturable_optimizer(torch.optim.SGD(params, lr=0.1))  # no step counters to capture
+    check_capturable_optimizer(torch.optim.SGD(params, lr=0.1, momentum=0.9))  # no step counters
     check_capturable_optimizer(torch.optim.Adam(params, capturable=True))
-    with pytest.raises(ValueError, match="capturable=True; Adam has capturable=False"):
-        check_capturable_optimizer(torch.optim.Adam(params))
+    check_capturable_optimizer(torch.optim.AdamW(params, capturable=True))
+    for opt in (torch.optim.Adam(params), torch.optim.Adagrad(params)):  # host-side step counters
+        with pytest.raises(ValueError, match=f"capturable=True .*; got {type(opt).__name__} without it"):
+            check_capturable_optimizer(opt)
+
+
+def test_last_stats_are_the_objectives_floats():
+    x, y = batches(1)[0]
+    model = bn_model()
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), ater)
+    assert step.last_stats is None
+    loss = step(x, y)
+    assert set(step.last_stats) == {"loss", "ce", "adv", "energy"}
+    assert step.last_stats["loss"] == pytest.approx(float(loss))
+    bare = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                     lambda m, x, y: nn.functional.cross_entropy(m(x), y))
+    bare(x, y)
+    assert bare.last_stats is None
 
 
 @pytest.fixture
@@ -163,12 +179,14 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 @cuda_only
 def test_cuda_graph_replay_matches_eager_steps():
+    # SGD: Adam would turn the rounding noise in the gradients of biases that feed a
+    # BatchNorm (true gradient 0) into O(lr) updates, hiding a real mismatch or faking one
     data = batches(5, dtype=torch.float32, device="cuda")
     ref_model = bn_model(torch.float32).cuda()
     model = copy.deepcopy(ref_model)
-    ref_opt = torch.optim.Adam(ref_model.parameters(), lr=1e-2, capturable=True)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.05, momentum=0.9)
     ref_losses = manual_loop(ref_model, ref_opt, data[:1])
-    step = TrainStep(model, torch.optim.Adam(model.parameters(), lr=1e-2, capturable=True), ater, cuda_graph=True)
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), ater, cuda_graph=True)
     losses = [step(*data[0])]
     assert step.captured
     # after the first call, .grad holds that step's gradients, not the capture's scratch
@@ -179,6 +197,28 @@ def test_cuda_graph_replay_matches_eager_steps():
     torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), rtol=1e-4, atol=1e-5)
     for a, b in zip(state_of(model), state_of(ref_model)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # the stats of the last replay are that step's
+    assert step.last_stats["loss"] == pytest.approx(float(losses[-1]))
+
+
+@cuda_only
+def test_cuda_graph_with_capturable_adam_trains():
+    data = batches(4, dtype=torch.float32, device="cuda")
+    model = bn_model(torch.float32).cuda()
+    before = state_of(model)
+    step = TrainStep(model, torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True), ater, cuda_graph=True)
+    losses = torch.stack([step(x, y) for x, y in data])
+    assert step.captured and bool(torch.isfinite(losses).all())
+    assert not all(torch.equal(a, b) for a, b in zip(before, state_of(model)))
+
+
+@cuda_only
+def test_cuda_graph_refuses_outer_autocast():
+    x, y = batches(1, dtype=torch.float32, device="cuda")[0]
+    model = bn_model(torch.float32).cuda()
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), ater, cuda_graph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16), pytest.raises(ValueError, match="inside torch.autocast"):
+        step(x, y)
 
 
 @cuda_only
@@ -199,5 +239,9 @@ def test_cuda_graph_capture_refuses_dropout_and_plain_adam():
         TrainStep(model, torch.optim.Adam(model.parameters()), ater, cuda_graph=True)(x, y)
     model = bn_model(torch.float32, dropout=0.3).cuda()
     step = TrainStep(model, torch.optim.Adam(model.parameters(), capturable=True), ater, cuda_graph=True)
-    with pytest.raises(RuntimeError, match="dropout"):
+    with pytest.raises(RuntimeError, match="capturing the step in a CUDA graph failed .*dropout"):
+        step(x, y)
+    assert not step.captured
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    with pytest.raises(RuntimeError, match="could not be captured"):  # no second eager step, no retry
         step(x, y)
