@@ -54,17 +54,35 @@ class _PrecomputedGradients(torch.autograd.Function):
         return (None, None, *[None if g is None else g.mul_(grad_out) for g in grads])
 
 
-def _owned(grads) -> list:
-    """``grads`` made safe to update in place: autograd may return one tensor for
-    several parameters (``w1 + w2``) or an expanded, stride-0 view (``p.sum()``);
-    those are copied, every other tensor is kept as it is."""
-    seen, owned = set(), []
-    for g in grads:
-        if g is not None:
-            if g.untyped_storage().data_ptr() in seen or not g.is_contiguous():
-                g = g.clone()  # dense strides kept, an expanded view made dense
-            seen.add(g.untyped_storage().data_ptr())
-        owned.append(g)
+def _span(t: Tensor) -> Tuple[int, int]:
+    """The bytes a dense tensor covers."""
+    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+
+
+def _overlap(a: Tuple[int, int], b: Tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def _owned(grads, held=()) -> list:
+    """``grads`` made safe to update in place. autograd may hand one tensor to
+    several inputs (``w1 + w2``; ``x + p`` gives ``p`` the input gradient's
+    tensor) or an expanded, stride-0 view (``p.sum()``): strided gradients that
+    are not dense, or whose memory overlaps another one's or a tensor's in
+    ``held`` (already owned), are copied. Sparse gradients are kept as they are."""
+    def strided(t):
+        return t is not None and t.layout == torch.strided
+
+    owned = [g.clone() if strided(g) and not (g.is_contiguous() or g.is_contiguous(
+        memory_format=torch.channels_last)) else g for g in grads]
+    spans = sorted(_span(t) for t in (*held, *owned) if strided(t))
+    if all(a[1] <= b[0] for a, b in zip(spans, spans[1:])):  # the usual case: all disjoint
+        return owned
+    taken = [_span(t) for t in held if strided(t)]
+    for i, g in enumerate(owned):
+        if strided(g):
+            if any(_overlap(_span(g), other) for other in taken):
+                owned[i] = g = g.clone()
+            taken.append(_span(g))
     return owned
 
 
@@ -78,10 +96,13 @@ class _GradientBank:
         self.grads = _owned(grads)  # the bank updates them in place
 
     def add(self, loss: Tensor) -> None:
-        for i, g in enumerate(torch.autograd.grad(loss, self.params, allow_unused=True)):
-            if g is not None:
-                self.grads[i] = g if self.grads[i] is None else self.grads[i].add_(g)
-        self.grads = _owned(self.grads)
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        new = _owned([g if held is None else None for g, held in zip(grads, self.grads)], held=self.grads)
+        for i, (g, fresh) in enumerate(zip(grads, new)):
+            if fresh is not None:
+                self.grads[i] = fresh
+            elif g is not None:
+                self.grads[i].add_(g)  # only read from g: no aliasing concern
 
     def loss(self, value: Tensor) -> Tensor:
         """``value`` (detached) whose backward gives the banked gradients (once; not twice differentiable)."""
@@ -109,7 +130,9 @@ class _CleanForward:
         if passes.work_dtype is not None:
             return self.input_grad(passes, per_sample_loss, y, loss_fn), None
         params = [p for p in self.model.parameters() if p.requires_grad]
-        g, *param_grads = torch.autograd.grad(per_sample_loss.sum(), [self.x_leaf, *params], allow_unused=True)
+        # g in the list too: x + p as the first op gives p the same gradient tensor as x
+        g, *param_grads = _owned(torch.autograd.grad(per_sample_loss.sum(), [self.x_leaf, *params],
+                                                     allow_unused=True))
         bank = _GradientBank(params, param_grads)
         n = per_sample_loss.numel()
         bank.grads = [None if pg is None else pg.div_(n) for pg in bank.grads]

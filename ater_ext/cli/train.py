@@ -74,12 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=int, default=None,
                    help="keep N labels (balanced over classes), the rest unlabelled (vat/vater use them); "
                         "paper: 1000 (SVHN), 4000 (CIFAR-10)")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs (the paper does not state its count)")
     p.add_argument("--batch-size", type=int, default=100, help="labelled batch size (VAT paper: 100 on MNIST, 32 on CIFAR-10)")
     p.add_argument("--ul-batch-size", type=int, default=250, help="unlabelled batch size for vat/vater (VAT paper: 250 on MNIST, 128 on CIFAR-10)")
     p.add_argument("--lr", type=positive_float, default=1e-3,
                    help="Adam learning rate; constant for the first half of training, then decayed linearly to 0 "
-                        "with beta1 0.9 -> 0.5 (the VAT paper's schedule)")
+                        "with beta1 0.9 -> 0.5 (the VAT paper's schedule; the ATER paper states no rate)")
     p.add_argument("--eps", type=positive_float, default=2.0, help="energy radius of x_max (paper: 2.0 on MNIST)")
     p.add_argument("--eps-adv", type=positive_float, default=2.0, help="L2 radius of AT's x_adv (paper: 2.0 on MNIST)")
     p.add_argument("--eps-vat", type=positive_float, default=2.0, help="L2 radius of VAT's r_vat (paper: 2.0 MNIST, 6.0-8.0 CIFAR-10)")
