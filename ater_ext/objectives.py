@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from . import ops
 from .energy import (accumulation_dtype, check_batch, check_positive, check_trainable, clamp_to, default_xi,
                      fd_x_max, grad_scale_of, penalty_value, resolve_loss_fn)
+from .gradient_bank import GradientBank, banked_term, owned_gradients
 from .passes import ExtraPasses, LossFn, capture_rng_state, is_capturing
 
 __all__ = ["erm_loss", "at_loss", "vat_loss", "ater_loss", "vater_loss"]
@@ -34,81 +35,6 @@ def detached_stats(**terms: Tensor) -> Stats:
     return dict(zip(terms, torch.stack(detached).tolist()))
 
 
-class _PrecomputedGradients(torch.autograd.Function):
-    """A scalar (``value``) whose backward hands ``grads`` (already computed,
-    scaled in place by the incoming gradient) to ``params``. The buffers are
-    handed over, not copied, so they can be backpropagated once only."""
-
-    @staticmethod
-    def forward(ctx, value, grads, *params):
-        ctx.grads = list(grads)
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            raise RuntimeError("ater_ext: the clean and adversarial loss terms of at_loss / ater_loss carry "
-                               "precomputed parameter gradients and can be backpropagated only once "
-                               "(no retain_graph)")
-        return (None, None, *[None if g is None else g.mul_(grad_out) for g in grads])
-
-
-def _span(t: Tensor) -> Tuple[int, int]:
-    """The bytes a dense tensor covers."""
-    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-
-
-def _overlap(a: Tuple[int, int], b: Tuple[int, int]) -> bool:
-    return a[0] < b[1] and b[0] < a[1]
-
-
-def _owned(grads, held=()) -> list:
-    """``grads`` made safe to update in place. autograd may hand one tensor to
-    several inputs (``w1 + w2``; ``x + p`` gives ``p`` the input gradient's
-    tensor) or an expanded, stride-0 view (``p.sum()``): strided gradients that
-    are not dense, or whose memory overlaps another one's or a tensor's in
-    ``held`` (already owned), are copied. Sparse gradients are kept as they are."""
-    def strided(t):
-        return t is not None and t.layout == torch.strided
-
-    owned = [g.clone() if strided(g) and not (g.is_contiguous() or g.is_contiguous(
-        memory_format=torch.channels_last)) else g for g in grads]
-    spans = sorted(_span(t) for t in (*held, *owned) if strided(t))
-    if all(a[1] <= b[0] for a, b in zip(spans, spans[1:])):  # the usual case: all disjoint
-        return owned
-    taken = [_span(t) for t in held if strided(t)]
-    for i, g in enumerate(owned):
-        if strided(g):
-            if any(_overlap(_span(g), other) for other in taken):
-                owned[i] = g = g.clone()
-            taken.append(_span(g))
-    return owned
-
-
-class _GradientBank:
-    """Parameter gradients of loss terms, computed as soon as each term exists
-    (so its graph is freed at once instead of living through the penalty's
-    double backward) and handed over in the caller's backward."""
-
-    def __init__(self, params, grads):
-        self.params = params
-        self.grads = _owned(grads)  # the bank updates them in place
-
-    def add(self, loss: Tensor) -> None:
-        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        new = _owned([g if held is None else None for g, held in zip(grads, self.grads)], held=self.grads)
-        for i, (g, fresh) in enumerate(zip(grads, new)):
-            if fresh is not None:
-                self.grads[i] = fresh
-            elif g is not None:
-                self.grads[i].add_(g)  # only read from g: no aliasing concern
-
-    def loss(self, value: Tensor) -> Tensor:
-        """``value`` (detached) whose backward gives the banked gradients (once; not twice differentiable)."""
-        return _PrecomputedGradients.apply(value.detach(), tuple(self.grads), *self.params)
-
-
 class _CleanForward:
     """The clean forward (the only pass that updates BatchNorm statistics), with
     ``x`` as a leaf so that pass 1's input gradient can come from its graph."""
@@ -120,7 +46,7 @@ class _CleanForward:
         self.logits = model(self.x_leaf)
 
     def input_grad_and_bank(self, passes: ExtraPasses, per_sample_loss: Tensor, y: Tensor,
-                            loss_fn: LossFn) -> Tuple[Tensor, Optional[_GradientBank]]:
+                            loss_fn: LossFn) -> Tuple[Tensor, Optional[GradientBank]]:
         """``(g, bank)`` with ``g = grad_x sum_i L(x_i, y_i)``, traversing the clean
         graph once: one backward gives ``g`` and the parameter gradients of the
         mean loss, which start the bank (the clean graph is freed here, and no
@@ -131,12 +57,9 @@ class _CleanForward:
             return self.input_grad(passes, per_sample_loss, y, loss_fn), None
         params = [p for p in self.model.parameters() if p.requires_grad]
         # g in the list too: x + p as the first op gives p the same gradient tensor as x
-        g, *param_grads = _owned(torch.autograd.grad(per_sample_loss.sum(), [self.x_leaf, *params],
-                                                     allow_unused=True))
-        bank = _GradientBank(params, param_grads)
-        n = per_sample_loss.numel()
-        bank.grads = [None if pg is None else pg.div_(n) for pg in bank.grads]
-        return g, bank
+        g, *param_grads = owned_gradients(torch.autograd.grad(per_sample_loss.sum(), [self.x_leaf, *params],
+                                                              allow_unused=True))
+        return g, GradientBank(params, param_grads, divide_by=per_sample_loss.numel())
 
     def input_grad(self, passes: ExtraPasses, per_sample_loss: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
         """``grad_x sum_i L(x_i, y_i)`` from this forward's graph (kept for the
@@ -146,14 +69,6 @@ class _CleanForward:
             return passes.input_grad(self.x_leaf, y, loss_fn)[0]
         (g,) = torch.autograd.grad(per_sample_loss.sum(), self.x_leaf, retain_graph=True)
         return g
-
-
-def _banked_term(bank: Optional[_GradientBank], term: Tensor) -> Tensor:
-    """Banks ``term``'s parameter gradients now (freeing its graph) when there is a bank."""
-    if bank is None:
-        return term
-    bank.add(term)
-    return term.detach()
 
 
 def _energy_from_grad(passes: ExtraPasses, x: Tensor, y: Tensor, g: Tensor, probe: Tensor, loss_fn: LossFn,
@@ -203,7 +118,7 @@ def at_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, los
     with ExtraPasses(model, x, clean.rng_state) as passes:
         g, bank = clean.input_grad_and_bank(passes, per_sample, y, loss_fn)
         x_adv = clamp_to(ops.normalized_step(x.detach().to(g.dtype), g, eps_adv), clamp).to(x.dtype)
-        adv = _banked_term(bank, loss_fn(passes.forward(x_adv, detach_params=False), y))
+        adv = banked_term(bank, loss_fn(passes.forward(x_adv, detach_params=False), y))
     loss = ce + adv if bank is None else bank.loss(ce + adv)
     return loss, detached_stats(loss=loss, ce=ce, adv=adv)
 
@@ -256,7 +171,7 @@ def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, e
     with ExtraPasses(model, x, clean.rng_state, compile=compile) as passes:
         g, bank = clean.input_grad_and_bank(passes, per_sample, y, loss_fn)
         x_adv, probe = ops.dual_normalized_step(x.detach().to(g.dtype), g, eps_adv, xi)
-        adv = _banked_term(bank, loss_fn(passes.forward(clamp_to(x_adv, clamp).to(x.dtype),
+        adv = banked_term(bank, loss_fn(passes.forward(clamp_to(x_adv, clamp).to(x.dtype),
                                                              detach_params=False), y))
         energy = _energy_from_grad(passes, x, y, g, clamp_to(probe, clamp), loss_fn, eps, clamp, scaler)
     # The penalty's gradients are not banked: autograd.grad would skip the input

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["RngState", "capture_rng_state", "restore_rng_state", "unwrap_model", "is_capturing", "ExtraPasses"]
+__all__ = ["RngState", "capture_rng_state", "restore_rng_state", "unwrap_model", "is_capturing",
+           "has_active_dropout", "ExtraPasses"]
 
 LossFn = Callable[..., Tensor]
 
@@ -101,13 +102,14 @@ def _buffer_plan(module: nn.Module) -> Dict[str, Tuple[Optional[Tensor], bool]]:
     return plan
 
 
-def _has_active_dropout(module: nn.Module) -> bool:
+def has_active_dropout(module: nn.Module) -> bool:
+    """Whether ``module`` has a dropout layer that is in training mode with p > 0."""
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in module.modules())
 
 
 def _check_capturable(module: nn.Module, compile_mode: Optional[str]) -> None:
     """Refuses what cannot run inside a CUDA graph capture, with the way out."""
-    if _has_active_dropout(module):
+    if has_active_dropout(module):
         raise RuntimeError(
             "ater_ext: the extra passes reuse the clean forward's dropout masks by restoring the CUDA RNG "
             "state, which cannot be read while a CUDA graph is captured; capture only models without "
@@ -194,7 +196,7 @@ class ExtraPasses:
         # Compiled graphs draw dropout masks of their own, so models with active
         # dropout keep eager passes (the same-masks guarantee comes first).
         mode = check_compile_mode(compile)
-        self.compile_mode = None if _has_active_dropout(self.module) else mode
+        self.compile_mode = None if has_active_dropout(self.module) else mode
         self.device = x.device
         if is_capturing(self.device):
             _check_capturable(self.module, self.compile_mode)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .passes import unwrap_model
 
-__all__ = ["TrainStep"]
+__all__ = ["TrainStep", "check_capturable_optimizer", "check_static_batch"]
 
 StepLoss = Callable[[nn.Module, Tensor, Tensor], Union[Tensor, Tuple[Tensor, object]]]
 

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,21 +47,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ops import machine_info  # noqa: E402
 
 from ater_ext import TrainStep, objectives  # noqa: E402
-from ater_ext.passes import _has_active_dropout  # noqa: E402
+from ater_ext.passes import has_active_dropout  # noqa: E402
 from ater_ext.models import build_model  # noqa: E402
 
 WHY = """\
-Counting matrix products in units of one forward pass: an ERM step is 3 (forward, input- and
-weight-gradient backward). ater_ext's ATER step is about 14: the clean forward and one backward that
-gives both pass 1's input gradient and the clean loss's weight gradients (3), the adversarial
-forward and its weight-gradient backward (3), pass 2 (forward + input-gradient backward, 2), the penalty's forward
-and create_graph backward (2) and the double backward through them (about 4). So about 4.7x ERM is
-the floor of the algorithm before elementwise and BatchNorm double-backward overheads; the naive
-step is about 18 units (a separate AT gradient pass and pass 1, and a clean graph traversed twice).
-Memory: ater_ext computes the first-order terms' weight gradients (clean and adversarial losses) as
-soon as each term exists and hands them over in the caller's backward, so their graphs are freed
-before the penalty's double backward is built, and train-mode BatchNorm passes keep no copies of the
-running statistics; the naive step holds the clean and adversarial graphs until its backward."""
+The step is mostly matrix products (table above). For the MLP's 5 linear layers an ERM step does 14:
+5 forward, 5 weight-gradient and 4 input-gradient products. ater_ext's ATER step does 69: the clean
+forward and one backward giving both pass 1's input gradient and the clean weight gradients (15),
+the adversarial forward and its backward (14), pass 2's forward and input-gradient backward (10), the
+penalty's forward and create_graph backward (10), and the double backward through them (20, one of
+which is the unused gradient at x_max that a plain backward computes). So the count ratio alone is
+about 4.9x ERM, the algorithm's floor before BatchNorm's double backward and elementwise work; the
+naive step does about 18 forward-pass units to ater_ext's 14 (a separate AT gradient pass and pass
+1, and a clean graph traversed twice). Memory: ater_ext computes the first-order terms' weight
+gradients (clean and adversarial losses) as soon as each term exists and hands them over in the
+caller's backward, so their graphs are freed before the penalty's double backward is built, and
+train-mode BatchNorm passes keep no copies of the running statistics; the naive step holds the
+clean and adversarial graphs until its backward."""
 EPS_ADV, EPS, XI, LAM = 2.0, 2.0, 1e-3, 0.1
 
 
@@ -129,7 +132,7 @@ def make_step(name: str, model: torch.nn.Module, sgd: bool = False) -> TrainStep
 
 def variants_for(model: torch.nn.Module, device: str) -> List[str]:
     """The variants a model can run: a captured step cannot reuse dropout masks (TrainStep refuses)."""
-    return [v for v in variants(device) if not (v == "ater_graph" and _has_active_dropout(model))]
+    return [v for v in variants(device) if not (v == "ater_graph" and has_active_dropout(model))]
 
 
 CASES = [  # (model, input shape, batch sizes): the MNIST MLP, the same MLP on D = 3072 inputs, conv-large
@@ -236,6 +239,42 @@ def peak_memory(model_name: str, shape, batch: int, device: str, variant: str) -
     return float(max(sum(per_category) for per_category in sizes))
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def matmul_profile(model_name: str, shape, batch: int, device: str, variant: str) -> dict:
+    """Matrix products in one step of ``variant`` (torch.profiler, after a warm-up step):
+    how many, their time per step and their share of the step's op time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, x, y = setup(model_name, shape, batch, device)
+    step = make_step(variant, model)
+    step(x, y)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step(x, y)
+        sync(device)
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    matmuls = [e for e in events if e.key in MATMUL_OPS]
+    total = sum(getattr(e, attr) for e in events)
+    mm_us = sum(getattr(e, attr) for e in matmuls)
+    return {"count": sum(e.count for e in matmuls), "seconds": mm_us * 1e-6, "share": mm_us / total if total else 0.0}
+
+
+def git_commit() -> str:
+    """The measured code's commit (with "+changes" when the tree differs from it)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
 def _case(r: dict) -> str:
     return f"{r['model']} {'x'.join(map(str, r['shape']))}"
 
@@ -243,7 +282,8 @@ def _case(r: dict) -> str:
 def render_markdown(report: dict) -> str:
     names = [v for v in LOSSES if any(v in r["seconds"] for r in report["rows"])]
     lines = [f"# ater_ext training-step benchmark: {report['machine']}", "",
-             f"device `{report['device']}`, torch {report['torch']}, {report['threads']} threads, {report['date']}; "
+             f"device `{report['device']}`, torch {report['torch']}, {report['threads']} threads, {report['date']}, "
+             f"commit {report['commit']}; "
              f"median of {report['rounds']} interleaved rounds; one step = loss + backward + Adam step "
              f"(`ater_ext.TrainStep`). Peak memory: {report['memory_method']}. bf16 = the step under "
              f"`torch.autocast(dtype=torch.bfloat16)`.", "",
@@ -261,6 +301,14 @@ def render_markdown(report: dict) -> str:
         lines += ["", "—: not run; TrainStep(cuda_graph=True) refuses models with active dropout (conv-large), "
                       "whose masks the extra passes reuse by restoring the RNG state, impossible during capture."]
     mlp = [r for r in report["rows"] if r["model"] == "mlp"]
+    lines += ["", "## Matrix products per step (torch.profiler, MLP)", "",
+              "| input, B | ERM count | ATER count | count ATER / ERM | matmul time ATER / ERM | "
+              "matmul share of the ATER step |", "|---|---|---|---|---|---|"]
+    for r in mlp:
+        mm = r["matmuls"]
+        lines.append(f"| {'x'.join(map(str, r['shape']))}, {r['batch']} | {mm['erm']['count']} | "
+                     f"{mm['ater']['count']} | {mm['ater']['count'] / mm['erm']['count']:.2f} | "
+                     f"{mm['ater']['seconds'] / mm['erm']['seconds']:.2f} | {mm['ater']['share']:.0%} |")
     dims = sorted({r["in_features"] for r in mlp})
     lines += ["", "## ATER step time as B and D grow (MLP; D = input features)", "",
               "ater_ext ATER ms (× naive eager, × ERM)", "",
@@ -304,7 +352,7 @@ def targets(rows: List[dict], device: str) -> List[dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--quick", action="store_true", help="B=64 MLP only, 3 rounds (smoke test)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -318,7 +366,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         gap = check_correctness(model_name, shape, args.device)
         seconds = time_steps(model_name, shape, batch, args.device, rounds)
         memory = {v: peak_memory(model_name, shape, batch, args.device, v) for v in ("naive_ater", "ater")}
-        rows.append({"model": model_name, "shape": list(shape), "in_features": math.prod(shape), "batch": batch,
+        matmuls = ({v: matmul_profile(model_name, shape, batch, args.device, v) for v in ("erm", "ater")}
+                   if model_name == "mlp" else None)
+        rows.append({"matmuls": matmuls, "model": model_name, "shape": list(shape), "in_features": math.prod(shape), "batch": batch,
                      "seconds": seconds, "peak_bytes": memory,
                      "ater_over_naive": seconds["ater"] / seconds["naive_ater"],
                      "ater_over_erm": seconds["ater"] / seconds["erm"], "grad_rel_gap": gap})
@@ -327,7 +377,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rounds": rounds,
               "memory_method": ("torch.cuda.max_memory_allocated growth" if args.device == "cuda" else
                                 "peak of the torch.profiler memory timeline over one step (after a warm-up step)"),
-              "graph_replay_rel_gap": graph_gap, "rows": rows}
+              "commit": git_commit(), "graph_replay_rel_gap": graph_gap, "rows": rows}
     report["targets"] = targets(rows, args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 # The GPU checks in one go, on a machine with a CUDA GPU and torch already
 # installed (no venv, no registry needed): build the extension in place against
 # that torch, run the test suite (the CUDA cases run there, they skip elsewhere),
-# then the kernel and training-step benchmarks on the GPU. The benchmarks run
+# then the kernel, scaling and training-step benchmarks on the GPU. The benchmarks run
 # even if a test fails; the script exits with the tests' status.
 #
 #   bash benchmarks/run_gpu.sh [results-dir]     # default: benchmarks/results
@@ -27,5 +27,6 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || exit
 "$PY" -m pytest python_tests -q
 tests=$?
 "$PY" benchmarks/bench_ops.py --device cuda --out "$OUT" || exit
+"$PY" benchmarks/bench_scaling.py --device cuda --out "$OUT" || exit
 "$PY" benchmarks/bench_step.py --device cuda --out "$OUT" || exit
 exit $tests
