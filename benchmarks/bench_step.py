@@ -242,9 +242,9 @@ def peak_memory(model_name: str, shape, batch: int, device: str, variant: str) -
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
 
 
-def matmul_profile(model_name: str, shape, batch: int, device: str, variant: str) -> dict:
-    """Matrix products in one step of ``variant`` (torch.profiler, after a warm-up step):
-    how many, their time per step and their share of the step's op time."""
+def matmul_profile(model_name: str, shape, batch: int, device: str, variant: str, steps: int = 3) -> dict:
+    """Matrix products per step of ``variant`` (torch.profiler over ``steps`` steps,
+    after a warm-up step): how many, their time and their share of the step's op time."""
     from torch.profiler import ProfilerActivity, profile
 
     model, x, y = setup(model_name, shape, batch, device)
@@ -252,14 +252,16 @@ def matmul_profile(model_name: str, shape, batch: int, device: str, variant: str
     step(x, y)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
-        step(x, y)
+        for _ in range(steps):
+            step(x, y)
         sync(device)
     attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     events = prof.key_averages()
     matmuls = [e for e in events if e.key in MATMUL_OPS]
     total = sum(getattr(e, attr) for e in events)
     mm_us = sum(getattr(e, attr) for e in matmuls)
-    return {"count": sum(e.count for e in matmuls), "seconds": mm_us * 1e-6, "share": mm_us / total if total else 0.0}
+    return {"count": sum(e.count for e in matmuls) // steps, "seconds": mm_us * 1e-6 / steps,
+            "share": mm_us / total if total else 0.0}
 
 
 def git_commit() -> str:
@@ -301,7 +303,7 @@ def render_markdown(report: dict) -> str:
         lines += ["", "—: not run; TrainStep(cuda_graph=True) refuses models with active dropout (conv-large), "
                       "whose masks the extra passes reuse by restoring the RNG state, impossible during capture."]
     mlp = [r for r in report["rows"] if r["model"] == "mlp"]
-    lines += ["", "## Matrix products per step (torch.profiler, MLP)", "",
+    lines += ["", "## Matrix products per step (torch.profiler over 3 steps, MLP)", "",
               "| input, B | ERM count | ATER count | count ATER / ERM | matmul time ATER / ERM | "
               "matmul share of the ATER step |", "|---|---|---|---|---|---|"]
     for r in mlp:
