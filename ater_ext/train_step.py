@@ -29,13 +29,14 @@ __all__ = ["TrainStep", "check_capturable_optimizer", "check_static_batch"]
 StepLoss = Callable[[nn.Module, Tensor, Tensor], Union[Tensor, Tuple[Tensor, object]]]
 
 
-def _loss_of(output: Union[Tensor, Tuple[Tensor, object]]) -> Tensor:
-    """The scalar loss of ``loss_fn``'s output: a tensor, or ``(loss, stats)`` as the objectives return."""
-    loss = output[0] if isinstance(output, tuple) else output
+def _split_output(output: Union[Tensor, Tuple[Tensor, object]]) -> Tuple[Tensor, Optional[dict]]:
+    """``(loss, stats)`` of ``loss_fn``'s output: a scalar tensor, or ``(loss, stats)``
+    as the objectives return (stats None unless a dict)."""
+    loss, stats = (output[0], output[1] if len(output) > 1 else None) if isinstance(output, tuple) else (output, None)
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         raise TypeError(f"ater_ext.TrainStep: loss_fn must return a scalar tensor or (scalar tensor, stats), "
                         f"got {type(loss).__name__}{list(loss.shape) if isinstance(loss, Tensor) else ''}")
-    return loss
+    return loss, stats if isinstance(stats, dict) else None
 
 
 def check_capturable_optimizer(optimizer: torch.optim.Optimizer) -> None:
@@ -114,10 +115,7 @@ class TrainStep:
         return {k: float(v) for k, v in self._stats.items()}
 
     def _run_loss(self, x: Tensor, y: Tensor) -> Tensor:
-        output = self.loss_fn(self.model, x, y)
-        loss = _loss_of(output)
-        stats = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        self._stats = stats if isinstance(stats, dict) else None
+        loss, self._stats = _split_output(self.loss_fn(self.model, x, y))
         return loss
 
     def _eager(self, x: Tensor, y: Tensor) -> Tensor:
