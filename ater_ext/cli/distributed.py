@@ -4,6 +4,7 @@ collectives the trainer needs. A plain ``ater-train`` (no torchrun) runs as a
 single process with none of this."""
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -88,5 +89,13 @@ def barrier(ctx: DistContext) -> None:
 
 
 def shutdown(ctx: DistContext) -> None:
+    """Destroys the process group once nothing uses it any more.
+
+    A DDP module sits in a reference cycle, so dropping the last name of it does
+    not free it, and its reducer keeps the process group alive. Left to
+    interpreter shutdown, that teardown can abort the process (gloo's threads
+    need the GIL while Python is finalising), so the cycles are collected first.
+    """
     if ctx.enabled and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

@@ -347,15 +347,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ctx = distributed.init(device)
     try:
         cfg.device = str(distributed.rank_device(device, ctx))
-        trainer = Trainer(cfg, ctx)  # loads the data first: a data error leaves no empty --out behind
-        os.makedirs(cfg.out, exist_ok=True)
-        if args.resume:
-            trainer.resume()
-        trainer.run(stop_after=args.stop_after)
+        train(cfg, ctx, resume=args.resume, stop_after=args.stop_after)
         distributed.barrier(ctx)  # every rank done before the process group (and its store) goes away
     finally:
-        distributed.shutdown(ctx)
+        distributed.shutdown(ctx)  # the trainer (and its DDP module) is out of scope by now
     return 0
+
+
+def train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, stop_after: Optional[int]) -> None:
+    """Builds the trainer, resumes it when asked and runs it."""
+    trainer = Trainer(cfg, ctx)  # loads the data first: a data error leaves no empty --out behind
+    os.makedirs(cfg.out, exist_ok=True)
+    if resume:
+        trainer.resume()
+    trainer.run(stop_after=stop_after)
 
 
 def entry_point() -> None:
