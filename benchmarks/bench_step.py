@@ -1,6 +1,7 @@
 """Training-step benchmark: one full step (loss, backward, Adam step) of ERM, AT,
 a naive ATER (Algorithm 1 written plainly in eager PyTorch) and ater_ext's
-``ater_loss``, side by side in one process; also ``compile=True``, the bf16
+``ater_loss``, side by side in one process; also ``ater_loss`` with a plain
+``loss.backward()`` instead of TrainStep's backward into the parameters, ``compile=True``, the bf16
 autocast path (ERM and ATER), and on CUDA ``compile="reduce-overhead"`` and the
 whole step captured in a CUDA graph (``TrainStep(cuda_graph=True)``). Cases:
 the MNIST MLP at B = 64, 256, 1024, the same MLP on 3x32x32 inputs (D grows
@@ -52,12 +53,13 @@ from ater_ext.models import build_model  # noqa: E402
 
 WHY = """\
 The step is mostly matrix products (table above). For the MLP's 5 linear layers an ERM step does 14:
-5 forward, 5 weight-gradient and 4 input-gradient products. ater_ext's ATER step does 69: the clean
+5 forward, 5 weight-gradient and 4 input-gradient products. ater_ext's ATER step does 68: the clean
 forward and one backward giving both pass 1's input gradient and the clean weight gradients (15),
 the adversarial forward and its backward (14), pass 2's forward and input-gradient backward (10), the
-penalty's forward and create_graph backward (10), and the double backward through them (20, one of
-which is the unused gradient at x_max that a plain backward computes). So the count ratio alone is
-about 4.9x ERM, the algorithm's floor before BatchNorm's double backward and elementwise work; the
+penalty's forward and create_graph backward (10), and the double backward through them (19; a plain
+`loss.backward()` adds a 20th, the input gradient at x_max, which `TrainStep`'s backward into the
+parameters skips, for every variant). So the count ratio alone is about 4.9x ERM, the algorithm's
+floor before BatchNorm's double backward and elementwise work; the
 naive step does about 18 forward-pass units to ater_ext's 14 (a separate AT gradient pass and pass
 1, and a clean graph traversed twice). Memory: ater_ext computes the first-order terms' weight
 gradients (clean and adversarial losses) as soon as each term exists and hands them over in the
@@ -104,6 +106,8 @@ LOSSES: Dict[str, Callable] = {
     "at": lambda m, x, y: objectives.at_loss(m, x, y, eps_adv=EPS_ADV)[0],
     "naive_ater": naive_ater_loss,
     "ater": _ater,
+    # the same step with a plain loss.backward() (PlainBackwardStep), which also fills x_max's .grad
+    "ater_plain_backward": _ater,
     # pass 2 through torch.compile (models with dropout stay eager)
     "ater_compile": lambda m, x, y: _ater(m, x, y, compile=True),
     "erm_bf16": _bf16(lambda m, x, y: objectives.erm_loss(m, x, y)[0]),
@@ -114,6 +118,7 @@ LOSSES: Dict[str, Callable] = {
 }
 CUDA_ONLY = ("ater_reduce_overhead", "ater_graph")
 LABELS = {"erm": "ERM", "at": "AT", "naive_ater": "naive ATER", "ater": "ater_ext ATER",
+          "ater_plain_backward": "ATER, plain backward()",
           "ater_compile": "compile=True", "erm_bf16": "ERM bf16", "ater_bf16": "ATER bf16",
           "ater_reduce_overhead": 'compile="reduce-overhead"', "ater_graph": "TrainStep(cuda_graph=True)"}
 
@@ -122,11 +127,29 @@ def variants(device: str) -> List[str]:
     return [v for v in LOSSES if device == "cuda" or v not in CUDA_ONLY]
 
 
-def make_step(name: str, model: torch.nn.Module, sgd: bool = False) -> TrainStep:
+class PlainBackwardStep:
+    """The hand-written loop: ``zero_grad``, loss, a plain ``loss.backward()``, ``step``.
+    Against TrainStep (backward into the parameters only) it shows what skipping the
+    input gradient at x_max saves."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable):
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model, x, y)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
+def make_step(name: str, model: torch.nn.Module, sgd: bool = False) -> Callable:
     """One variant's training step (loss + backward + Adam step, or SGD) on its own model and optimiser."""
     graph = name == "ater_graph"
     opt = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if sgd else
            torch.optim.Adam(model.parameters(), lr=1e-4, capturable=graph))
+    if name == "ater_plain_backward":
+        return PlainBackwardStep(model, opt, LOSSES[name])
     return TrainStep(model, opt, LOSSES[name], cuda_graph=graph)
 
 
@@ -287,7 +310,8 @@ def render_markdown(report: dict) -> str:
              f"device `{report['device']}`, torch {report['torch']}, {report['threads']} threads, {report['date']}, "
              f"commit {report['commit']}; "
              f"median of {report['rounds']} interleaved rounds; one step = loss + backward + Adam step "
-             f"(`ater_ext.TrainStep`). Peak memory: {report['memory_method']}. bf16 = the step under "
+             f"(`ater_ext.TrainStep`: the backward goes into the parameters only; \"plain backward()\" is the "
+             f"hand-written loop's `loss.backward()`). Peak memory: {report['memory_method']}. bf16 = the step under "
              f"`torch.autocast(dtype=torch.bfloat16)`.", "",
              "| model, input | B | " + " | ".join(f"{LABELS[n]} ms" for n in names)
              + " | ATER / naive | ATER / ERM | ATER bf16 / ERM bf16 | naive peak MB | ater_ext peak MB |",

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 import ater_ext
 from ater_ext import objectives
+from ater_ext.train_step import backward_into_parameters
 
 WORLD = 2
 
@@ -102,7 +103,10 @@ def ddp_rank_grads(rank, name):
             torch.randn_like = original_randn_like
     else:
         loss = loss_of(name, model, x[sl], y[sl], x_ul[sl_ul])
-    loss.backward()
+    if name == "energy_reg":
+        loss.backward()  # the README's drop-in line as written
+    else:  # as ater-train and TrainStep run it: DDP's reducer must still see every parameter's gradient
+        backward_into_parameters(loss, model)
     return [p.grad.clone() for p in model.module.parameters()]
 
 

@@ -48,6 +48,50 @@ def state_of(model):
     return [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
 
 
+class CountMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the matrix products dispatched (forward and backward: CPU autograd runs on this thread)."""
+
+    MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.MATMULS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("objective", ["ater_loss", "energy_reg"])
+def test_backward_into_parameters_gives_the_same_gradients_and_skips_x_max(objective):
+    """Same parameter gradients as a plain backward, one matrix product fewer (the input
+    gradient at x_max), and no .grad for leaves that are not parameters."""
+    def loss_of(model, x, y):
+        if objective == "ater_loss":
+            return ater(model, x, y)[0]
+        return nn.functional.cross_entropy(model(x), y) + 0.3 * ater_ext.energy_reg(model, x, y, eps=0.5)
+
+    x, y = batches(1)[0]
+    grads, matmuls = {}, {}
+    for how in ("plain", "into_parameters"):
+        model = bn_model()
+        outside = torch.zeros((), dtype=torch.float64, requires_grad=True)  # a leaf that is no parameter
+        opt_only = torch.ones((), dtype=torch.float64, requires_grad=True)  # optimised, not in the model
+        opt = torch.optim.SGD([*model.parameters(), opt_only], lr=0.1)
+        loss = loss_of(model, x, y) + outside * opt_only
+        with CountMatmuls() as counter:
+            if how == "plain":
+                loss.backward()
+            else:
+                ater_ext.backward_into_parameters(loss, model, opt)
+        matmuls[how] = counter.count
+        grads[how] = [p.grad for p in model.parameters()] + [opt_only.grad]
+        assert (outside.grad is None) == (how == "into_parameters")
+    for a, b in zip(grads["plain"], grads["into_parameters"]):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert matmuls["into_parameters"] == matmuls["plain"] - 1, matmuls
+
+
 def test_eager_step_is_the_hand_written_loop():
     data = batches(3)
     ref_model = bn_model()

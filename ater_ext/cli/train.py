@@ -22,6 +22,7 @@ from .. import metrics, objectives
 from . import distributed
 from ..data import DATASETS, Dataset, balanced_label_split, load_dataset
 from ..models import MODELS, build_model, default_model
+from ..train_step import backward_into_parameters
 from .common import (CliError, float_list, load_checkpoint, log, machine_name, pick_device, positive_float,
                      positive_int, rng_state, run_cli, seed_everything, set_rng_state, spread_subset, write_csv, write_json)
 
@@ -280,11 +281,11 @@ class Trainer:
                 loss, stats = objective(cfg, self.model, x, y, x_ul, self.scaler)
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
-                self.scaler.scale(loss).backward()
+                backward_into_parameters(self.scaler.scale(loss), self.model, self.optimizer)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
-                loss.backward()
+                backward_into_parameters(loss, self.model, self.optimizer)
                 self.optimizer.step()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
