@@ -178,6 +178,7 @@ def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, e
     # gradient at x_max (one first-layer matmul, ~3 % of an MLP step) but holds
     # all of them at once: the MNIST MLP's step then peaked 4 % above the naive
     # step's memory, against equal when the caller's backward accumulates them.
+    # The caller's backward skips that matmul with backward_into_parameters.
     head = ce + adv if bank is None else bank.loss(ce + adv)
     loss = head + lam * energy
     return loss, detached_stats(loss=loss, ce=ce, adv=adv, energy=energy)

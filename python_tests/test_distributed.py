@@ -222,6 +222,7 @@ def test_cli_shutdown_frees_ddp_modules_before_destroying_the_group(tmp_path, mo
     try:
         ddp = dropped_ddp_module_in_a_cycle()
         assert ddp() is not None
+        # a context that says 'several processes' (enabled), over this one-process group
         cli_dist.shutdown(cli_dist.DistContext(rank=0, world_size=WORLD))
     finally:
         gc.enable()

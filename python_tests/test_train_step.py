@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ater_ext
 from ater_ext import objectives, passes, train_step
@@ -48,7 +49,7 @@ def state_of(model):
     return [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
 
 
-class CountMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+class CountMatmuls(TorchDispatchMode):
     """Counts the matrix products dispatched (forward and backward: CPU autograd runs on this thread)."""
 
     MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
@@ -290,3 +291,9 @@ def test_cuda_graph_capture_refuses_dropout_and_plain_adam():
     assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
     with pytest.raises(RuntimeError, match="could not be captured"):  # no second eager step, no retry
         step(x, y)
+
+
+def test_backward_into_parameters_without_parameters_is_a_plain_backward():
+    leaf = torch.ones(3, requires_grad=True)
+    ater_ext.backward_into_parameters((2 * leaf).sum(), nn.Identity())
+    assert torch.equal(leaf.grad, torch.full((3,), 2.0))

@@ -91,10 +91,13 @@ def barrier(ctx: DistContext) -> None:
 def shutdown(ctx: DistContext) -> None:
     """Destroys the process group once nothing uses it any more.
 
-    A DDP module sits in a reference cycle, so dropping the last name of it does
+    A DDP module can sit in a reference cycle (a process's first one does), so dropping its last name does
     not free it, and its reducer keeps the process group alive. Left to
-    interpreter shutdown, that teardown can abort the process (gloo's threads
-    need the GIL while Python is finalising), so the cycles are collected first.
+    interpreter shutdown, that teardown runs while Python finalises, where a
+    backend thread that needs the GIL can abort the process (SIGABRT, "terminate
+    called without an active exception"); so the cycles are collected first.
+    (When training raised, its traceback still holds the trainer: that failing
+    run's group is destroyed with the module alive, as before.)
     """
     if ctx.enabled and dist.is_initialized():
         gc.collect()

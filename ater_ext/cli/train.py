@@ -280,12 +280,12 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=cfg.amp):
                 loss, stats = objective(cfg, self.model, x, y, x_ul, self.scaler)
             self.optimizer.zero_grad(set_to_none=True)
+            scaled = self.scaler.scale(loss) if self.scaler is not None else loss
+            backward_into_parameters(scaled, self.model, self.optimizer)
             if self.scaler is not None:
-                backward_into_parameters(self.scaler.scale(loss), self.model, self.optimizer)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
-                backward_into_parameters(loss, self.model, self.optimizer)
                 self.optimizer.step()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
