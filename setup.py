@@ -25,7 +25,7 @@ CPU_ISA_FLAGS = {
                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
 }
 # AVX512 plus the native fp32 -> bf16 conversion (row_ops_cpu.cpp's bf16 stores)
-CPU_ISA_FLAGS["avx512_bf16"] = CPU_ISA_FLAGS["avx512"] + ["-mavx512bf16"]
+CPU_ISA_FLAGS["avx512_bf16"] = CPU_ISA_FLAGS["avx512"] + ["-mavx512bf16", "-DATER_EXT_NATIVE_BF16"]
 
 
 def cpu_isa() -> str:

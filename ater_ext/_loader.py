@@ -22,5 +22,6 @@ BUILD_CPU_ISA = _C.cpu_isa()
 if not _SUPPORTED[BUILD_CPU_ISA]():  # pragma: no cover - depends on the machine
     raise ImportError(
         f"ater_ext: the CPU kernels were compiled for {BUILD_CPU_ISA}, which this CPU does not support; "
-        "rebuild with ATER_EXT_CPU_ISA=default (or avx2) `pip install --no-build-isolation -e .`"
+        "rebuild for a lower one: ATER_EXT_CPU_ISA=avx512, avx2 or default "
+        "`pip install --no-build-isolation -e .`"
     )

@@ -57,10 +57,11 @@ def owned_gradients(grads: Sequence[Optional[Tensor]], held: Sequence[Optional[T
     ``p`` the input gradient's tensor) or an expanded, stride-0 view
     (``p.sum()``): strided gradients that are not dense, or whose memory
     overlaps another one's or a tensor's in ``held`` (already owned), are
-    copied. Sparse gradients are kept as they are.
+    copied. Sparse gradients are always copied: their values can be another
+    gradient's tensor (``F.embedding(..., sparse=True) + p``).
     """
-    owned = [g.clone() if _strided(g) and not (g.is_contiguous() or g.is_contiguous(
-        memory_format=torch.channels_last)) else g for g in grads]
+    owned = [g.clone() if g is not None and not (_strided(g) and (g.is_contiguous() or g.is_contiguous(
+        memory_format=torch.channels_last))) else g for g in grads]
     spans = sorted(_span(t) for t in (*held, *owned) if _strided(t))
     if all(a[1] <= b[0] for a, b in zip(spans, spans[1:])):  # the usual case: all disjoint
         return owned

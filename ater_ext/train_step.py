@@ -105,7 +105,9 @@ class TrainStep:
             (with a warning), so the same script runs anywhere. The captured
             step must be capturable: fixed batch shape, no host synchronisation
             in ``loss_fn`` (``.item()``, printing values), no GradScaler, and for
-            the ater_ext losses no active dropout (refused during capture),
+            the ater_ext losses no active dropout (``nn.Dropout`` layers are refused
+            during capture; ``F.dropout`` or attention dropout inside ``forward``
+            is not detected and would draw other masks in the extra passes),
             autocast entered inside ``loss_fn`` (not around the call), one
             process (no DDP). Python values read by the captured code are
             frozen at capture, a float learning rate included: for a schedule
@@ -142,16 +144,21 @@ class TrainStep:
         replay, reading them waits for the GPU), or None."""
         if self._stats is None:
             return None
-        return {k: float(v) for k, v in self._stats.items()}
+        device = next((v.device for v in self._stats.values() if isinstance(v, Tensor)), None)
+        stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in self._stats.values()])
+        return dict(zip(self._stats, stacked.tolist()))  # one wait for the GPU, not one per key
 
     def _run_loss(self, x: Tensor, y: Tensor) -> Tensor:
         loss, self._stats = _split_output(self.loss_fn(self.model, x, y))
         return loss
 
+    def _backward(self, loss: Tensor) -> None:
+        backward_into_parameters(loss, self.model, self.optimizer)
+
     def _eager(self, x: Tensor, y: Tensor) -> Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._run_loss(x, y)
-        backward_into_parameters(loss, self.model, self.optimizer)
+        self._backward(loss)
         self.optimizer.step()
         return loss.detach()
 
@@ -211,7 +218,7 @@ class TrainStep:
             # thread) must not invalidate this capture
             with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                 static_loss = self._run_loss(*self._static_batch)
-                backward_into_parameters(static_loss, self.model, self.optimizer)
+                self._backward(static_loss)
                 self.optimizer.step()
         except Exception as exc:
             for p, g in zip(params, first_grads):

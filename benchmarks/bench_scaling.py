@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import sys
 from pathlib import Path
@@ -20,27 +21,25 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ops import machine_info, measure  # noqa: E402
-
-from ater_ext import ops, reference  # noqa: E402
+from bench_ops import OPS, assert_matches_reference, machine_info, make_inputs, measure  # noqa: E402
 
 BATCHES = (32, 128, 512, 2048, 8192)
 ROW_LENGTHS = (784, 3072, 12288)
 
 
+SPECS = {spec.name: spec for spec in OPS}
+
+
 def case(op: str, batch: int, d: int, device: str, min_run_time: float) -> dict:
-    x, g0, g1 = (torch.randn(batch, d, device=device) for _ in range(3))
-    out = torch.empty_like(x)
-    if op == "fd_direction":
-        run = lambda: ops.fd_direction(x, g0, g1, 2.0, out=out)  # noqa: E731
-        want, tensors_moved = reference.fd_direction(x, g0, g1, 2.0), 4
-    else:
-        run = lambda: ops.normalized_step(x, g0, 2.0, out=out)  # noqa: E731
-        want, tensors_moved = reference.normalized_step(x, g0, 2.0), 3
+    """``op``'s fused ``out=`` variant at ``[batch, d]`` fp32: checked against the reference, then timed."""
+    spec = SPECS[op]
+    tensors, scalars = make_inputs(spec, (batch, d), torch.float32, device)
+    out = torch.empty_like(tensors[0])
+    run = functools.partial(spec.fused, *tensors, *scalars, out=out)
     run()
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert_matches_reference(f"{op} [{batch}, {d}]", out, spec.reference(*tensors, *scalars), tensors[0])
     seconds = measure(run, min_run_time).median
-    nbytes = tensors_moved * x.numel() * x.element_size()
+    nbytes = spec.traffic * out.numel() * out.element_size()
     return {"op": op, "B": batch, "D": d, "seconds": seconds, "GBps": nbytes / seconds / 1e9}
 
 

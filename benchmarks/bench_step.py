@@ -58,9 +58,10 @@ forward and one backward giving both pass 1's input gradient and the clean weigh
 the adversarial forward and its backward (14), pass 2's forward and input-gradient backward (10), the
 penalty's forward and create_graph backward (10), and the double backward through them (19; a plain
 `loss.backward()` adds a 20th, the input gradient at x_max, which `TrainStep`'s backward into the
-parameters skips, for every variant). So the count ratio alone is about 4.9x ERM, the algorithm's
-floor before BatchNorm's double backward and elementwise work; the
-naive step does about 18 forward-pass units to ater_ext's 14 (a separate AT gradient pass and pass
+parameters skips, for every variant). The count ratio is about 4.9x ERM; the time ratio differs
+from it because the products differ in size (the table's matmul time column), and BatchNorm's
+double backward, the elementwise work and the fixed per-step costs (the optimiser step) come on
+top. The naive step does about 18 forward-pass units to ater_ext's 14 (a separate AT gradient pass and pass
 1, and a clean graph traversed twice). Memory: ater_ext computes the first-order terms' weight
 gradients (clean and adversarial losses) as soon as each term exists and hands them over in the
 caller's backward, so their graphs are freed before the penalty's double backward is built, and
@@ -127,20 +128,12 @@ def variants(device: str) -> List[str]:
     return [v for v in LOSSES if device == "cuda" or v not in CUDA_ONLY]
 
 
-class PlainBackwardStep:
-    """The hand-written loop: ``zero_grad``, loss, a plain ``loss.backward()``, ``step``.
-    Against TrainStep (backward into the parameters only) it shows what skipping the
-    input gradient at x_max saves."""
+class PlainBackwardStep(TrainStep):
+    """TrainStep with the hand-written loop's plain ``loss.backward()``, which also
+    fills x_max's ``.grad``: against TrainStep it shows what skipping that saves."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable):
-        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model, x, y)
+    def _backward(self, loss: torch.Tensor) -> None:
         loss.backward()
-        self.optimizer.step()
-        return loss.detach()
 
 
 def make_step(name: str, model: torch.nn.Module, sgd: bool = False) -> Callable:

@@ -1,5 +1,6 @@
 """The step benchmark runs end to end (a --quick smoke run, correctness checks
-included) and judges its targets from the measured ratios."""
+included) and judges its targets from the measured ratios; the scaling
+benchmark checks each case against the reference before timing it."""
 import json
 import sys
 from pathlib import Path
@@ -46,3 +47,16 @@ def test_quick_step_benchmark_writes_its_report(tmp_path):
     assert r["grad_rel_gap"] < 1e-6  # naive and ater_ext gradients agreed before timing
     md = report_file.with_suffix(".md").read_text()
     assert "| mlp 1x28x28 | 64 |" in md and report["machine"] in md
+
+
+@pytest.mark.parametrize("op", ["fd_direction", "normalized_step"])
+def test_scaling_case_checks_then_times(op, monkeypatch):
+    import bench_scaling
+
+    r = bench_scaling.case(op, 8, 50, "cpu", 0.01)
+    assert r["op"] == op and (r["B"], r["D"]) == (8, 50) and r["seconds"] > 0 and r["GBps"] > 0
+    # a wrong kernel must be caught before anything is timed
+    spec = bench_scaling.SPECS[op]
+    monkeypatch.setitem(bench_scaling.SPECS, op, spec.__class__(**{**spec.__dict__, "fused": lambda *a, out: out.zero_()}))
+    with pytest.raises(AssertionError):
+        bench_scaling.case(op, 8, 50, "cpu", 0.01)

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 import ater_ext
 from ater_ext import objectives
+from ater_ext.cli import distributed as cli_dist
 from ater_ext.train_step import backward_into_parameters
 
 WORLD = 2
@@ -65,13 +66,12 @@ def single_process_grads(name):
 def process_group(rank, result_dir, backend="gloo"):
     """Joins a WORLD-rank group for the body, then tears it down with nothing left running.
 
-    A rank once died of SIGABRT ("terminate called without an active exception") while
-    the group was torn down, about once in 25 runs. To leave no room for that: the
-    rendezvous is a file store in the test's directory (no TCP store hosted by rank 0,
-    which could go away while rank 1 still talks to it), and the body's tensors and DDP
-    module are collected before the group is destroyed, so no collective work or process
-    group outlives ``destroy_process_group`` into interpreter shutdown. faulthandler prints
-    every thread's stack should a rank still die of a signal."""
+    A rank once died of SIGABRT ("terminate called without an active exception"), about
+    once in 25 runs; the likely cause is a DDP module (kept by a reference cycle) and its
+    process group torn down at interpreter exit. So the rendezvous is a file store in the
+    test's directory (no TCP store hosted by rank 0), and the group is destroyed by the
+    CLI's shutdown, which collects such cycles first. faulthandler prints every thread's
+    stack should a rank still die of a signal."""
     faulthandler.enable(all_threads=True)
     store = os.path.join(result_dir, "rendezvous")
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=WORLD)
@@ -79,8 +79,7 @@ def process_group(rank, result_dir, backend="gloo"):
         yield
         dist.barrier()  # every rank has written its result before any rank tears down
     finally:
-        gc.collect()
-        dist.destroy_process_group()
+        cli_dist.shutdown(cli_dist.DistContext(rank=rank, world_size=WORLD))  # collects, then destroys
 
 
 def ddp_rank_grads(rank, name):
@@ -205,7 +204,6 @@ def test_cli_shutdown_frees_ddp_modules_before_destroying_the_group(tmp_path, mo
     cycle, since whether torch's is there depends on what the process ran before."""
     import weakref
 
-    from ater_ext.cli import distributed as cli_dist
 
     def dropped_ddp_module_in_a_cycle():
         model = nn.parallel.DistributedDataParallel(make_model())

@@ -317,7 +317,7 @@ class _InputPlusParameter(nn.Module):
 
 
 class _SparseBias(nn.Module):
-    """A bias looked up with ``F.embedding(sparse=True)``: a sparse gradient, which the bank keeps as is."""
+    """A bias looked up with ``F.embedding(sparse=True)``: a sparse gradient in the bank."""
 
     def __init__(self):
         super().__init__()
@@ -329,7 +329,20 @@ class _SparseBias(nn.Module):
         return self.lin(torch.tanh(x.flatten(1))) + bias
 
 
-@pytest.mark.parametrize("model_cls", [_SharedGradients, _InputPlusParameter, _SparseBias])
+class _SparseBiasPlusParameter(_SparseBias):
+    """``bias + p`` with ``p`` of the bias's shape: ``p``'s gradient is the very tensor
+    that the sparse gradient of ``table`` holds as its values."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.full((1, 10), 0.1, dtype=F64))
+
+    def forward(self, x):
+        bias = F.embedding(torch.zeros(1, dtype=torch.long), self.table, sparse=True)
+        return self.lin(torch.tanh(x.flatten(1))) + (bias + self.p)
+
+
+@pytest.mark.parametrize("model_cls", [_SharedGradients, _InputPlusParameter, _SparseBias, _SparseBiasPlusParameter])
 @pytest.mark.parametrize("name", ["at", "ater"])
 def test_aliased_expanded_and_sparse_gradients_match_reference(name, model_cls):
     model = model_cls()

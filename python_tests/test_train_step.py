@@ -93,6 +93,12 @@ def test_backward_into_parameters_gives_the_same_gradients_and_skips_x_max(objec
     assert matmuls["into_parameters"] == matmuls["plain"] - 1, matmuls
 
 
+def test_backward_into_parameters_without_parameters_is_a_plain_backward():
+    leaf = torch.ones(3, requires_grad=True)
+    ater_ext.backward_into_parameters((2 * leaf).sum(), nn.Identity())
+    assert torch.equal(leaf.grad, torch.full((3,), 2.0))
+
+
 def test_eager_step_is_the_hand_written_loop():
     data = batches(3)
     ref_model = bn_model()
@@ -170,6 +176,18 @@ def test_last_stats_are_the_objectives_floats():
     bare(x, y)
     assert bare.last_stats is None
 
+
+
+def test_last_stats_read_tensor_and_float_stats():
+    model = bn_model()
+
+    def loss_fn(m, x, y):
+        loss = nn.functional.cross_entropy(m(x), y)
+        return loss, {"ce": loss.detach(), "const": 2.0}
+
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    loss = step(*batches(1)[0])
+    assert step.last_stats == {"ce": float(loss), "const": 2.0}
 
 @pytest.fixture
 def capturing(monkeypatch):
@@ -291,9 +309,3 @@ def test_cuda_graph_capture_refuses_dropout_and_plain_adam():
     assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
     with pytest.raises(RuntimeError, match="could not be captured"):  # no second eager step, no retry
         step(x, y)
-
-
-def test_backward_into_parameters_without_parameters_is_a_plain_backward():
-    leaf = torch.ones(3, requires_grad=True)
-    ater_ext.backward_into_parameters((2 * leaf).sum(), nn.Identity())
-    assert torch.equal(leaf.grad, torch.full((3,), 2.0))

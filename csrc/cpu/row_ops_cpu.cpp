@@ -15,6 +15,7 @@
 #include <cmath>
 #include <tuple>
 #include <type_traits>
+#include <memory>
 #include <vector>
 
 #include "checks.h"
@@ -25,7 +26,7 @@ namespace {
 
 using at::vec::Vectorized;
 
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#if defined(ATER_EXT_NATIVE_BF16)
 // 32 floats -> bf16 with VCVTNE2PS2BF16: round to nearest even, as c10's
 // conversion, in one instruction instead of a dozen. The instruction flushes
 // denormals to zero, so chunks holding any fp32 denormal take the portable
@@ -76,7 +77,7 @@ struct AccChunk {
   }
 
   void store(scalar_t* p) const {
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#if defined(ATER_EXT_NATIVE_BF16)
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
       store_bf16_native(p, part[0], part[1]);
       return;
@@ -311,14 +312,15 @@ void steps_kernel(const at::Tensor& x, std::array<at::Tensor, K>& outs,
   // dtypes on CPU). fp32 / fp64 re-read the inputs instead: cheaper than a stash.
   constexpr bool kStash = AccChunk<scalar_t>::kReduced;
   at::parallel_for(0, B, row_grain(D), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> stash(kStash ? D : 0);
+    // uninitialised: the reduction pass writes every element before the write pass reads it
+    const std::unique_ptr<acc_t[]> stash(kStash ? new acc_t[D] : nullptr);
     std::array<scalar_t*, K> row_out;
     for (int64_t b = begin; b < end; ++b) {
       for (int k = 0; k < K; ++k) row_out[k] = out_ptr[k] + b * D;
       const auto row = make_row(b * D);
       if constexpr (kStash) {
-        const StashedRow<scalar_t> v{stash.data()};
-        write_row_steps<K>(v, row_scale(v, D, sum_of_squares(row, D, StashTo<acc_t>{stash.data()})),
+        const StashedRow<scalar_t> v{stash.get()};
+        write_row_steps<K>(v, row_scale(v, D, sum_of_squares(row, D, StashTo<acc_t>{stash.get()})),
                            x_ptr + b * D, row_out.data(), scales.data(), D);
       } else {
         write_row_steps<K>(row, row_scale(row, D), x_ptr + b * D, row_out.data(), scales.data(), D);
