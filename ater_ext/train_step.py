@@ -48,7 +48,7 @@ def backward_into_parameters(loss: Tensor, model: nn.Module, optimizer: Optional
     reaches: for :func:`ater_ext.objectives.ater_loss` and
     :func:`ater_ext.energy_reg` that is the penalty's ``x_max`` (and under
     autocast the clean input), one wasted input-gradient product each
-    (3 to 6 % of an MLP's ATER step on a CPU). The parameters' gradients are the same.
+    (1 to 7 % of an MLP's ATER step on a CPU). The parameters' gradients are the same.
 
     What a plain backward does that this one does not: tensors that are neither
     the model's nor the optimiser's parameters get no ``.grad`` (give such a
