@@ -120,7 +120,10 @@ def load_dataset(name: str, data_dir: Optional[PathLike] = None, *, verify_check
     required by ``mnist``, ``fashion-mnist``, ``cifar10`` and ``svhn`` and
     ignored by ``mnist-5k`` and ``digits``. ``verify_checksums`` compares the
     CIFAR-10 / SVHN files with the MD5 sums torchvision knows (turn it off for
-    hand-made files of the same layout).
+    hand-made files of the same layout). CIFAR-10's files are pickles: with
+    ``verify_checksums=False`` each is first read by an unpickler that accepts
+    numpy arrays and plain containers only, so a file that would run code when
+    unpickled is reported as corrupt instead of being executed.
 
     Raises :class:`DataError` (one line, naming the file) when a file is
     missing or corrupt, the name is unknown, or ``data_dir`` is needed but
@@ -266,6 +269,32 @@ def _check_md5(dataset: str, path: str, md5: Optional[str]) -> None:
                         f"fetch it again, or pass verify_checksums=False for a hand-made file")
 
 
+# The globals a CIFAR-10 batch (numpy arrays, lists, dicts, str/bytes) may name, in the
+# official files (numpy.core, protocol 2) and in files written by numpy 2 (numpy._core, protocols 2-5).
+_CIFAR_GLOBALS = frozenset({
+    (module, name)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray") for name in ("_reconstruct", "scalar")
+} | {("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+     ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")})
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: any other global (a
+    class or function a malicious file would call) raises instead of running."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch holds only "
+                                         f"numpy arrays and plain containers")
+        return super().find_class(module, name)
+
+
+def _safe_unpickle(path: str):
+    """The object pickled in ``path``, read without running any code from it."""
+    with open(path, "rb") as f:
+        return _ArraysOnlyUnpickler(f, encoding="latin1").load()
+
+
 def _check_labels(dataset: str, y: Tensor, num_classes: int, path: str) -> None:
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise DataError(f"{dataset}: file {path} is corrupt (labels span [{int(y.min())}, {int(y.max())}], "
@@ -391,6 +420,14 @@ def _load_cifar10(root: str, verify: bool) -> Dataset:
     if verify:
         for path, (_, md5) in zip(paths, names):
             _check_md5("cifar10", path, md5)
+    else:
+        # torchvision unpickles with pickle.load, which runs whatever code a file names; files
+        # that are not the official ones are first read with the arrays-only unpickler
+        for path in paths:
+            try:
+                _safe_unpickle(path)
+            except Exception:
+                raise _which_cifar_corrupt(paths, ValueError("unreadable")) from None
 
     class _CIFAR10(base):  # the files are checked above; torchvision would only re-hash them
         train_list = [[f, None] for f, _ in base.train_list]
@@ -417,8 +454,7 @@ def _which_cifar_corrupt(paths: Sequence[str], exc: Exception) -> DataError:
     """Unpickle each CIFAR file alone and name the first one that is malformed."""
     for path in paths:
         try:
-            with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
+            entry = _safe_unpickle(path)
             if os.path.basename(path) == "batches.meta":
                 if "label_names" not in entry:
                     raise ValueError("no 'label_names' entry")

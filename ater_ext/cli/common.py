@@ -2,8 +2,6 @@
 checkpoints and result files."""
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
 import platform
@@ -13,6 +11,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from ..atomic_io import save_torch, write_csv, write_json  # noqa: F401  (the CLI's writers)
 
 log = logging.getLogger("ater_ext")
 
@@ -29,9 +30,15 @@ def run_cli(prog: str, main: Callable[[Optional[Sequence[str]]], int], argv=None
     try:
         return main(argv)
     except (CliError, DataError, ValueError, OSError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {first_line(exc)}", file=sys.stderr)
         return 2
+
+
+def progress(iterable=None, *, quiet: bool = False, **kwargs):
+    """A tqdm bar that clears itself when closed and stays silent when stderr is
+    not a terminal (logs, CI, pipes) or when ``quiet``; use it as a context
+    manager so that an exception also clears it."""
+    return tqdm(iterable, disable=True if quiet else None, leave=False, dynamic_ncols=True, **kwargs)
 
 
 def positive_int(text: str) -> int:
@@ -58,12 +65,30 @@ def float_list(text: str) -> List[float]:
     return values
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, else its type's name."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(exc).__name__
+
+
+DEVICE_TYPES = ("cpu", "cuda")
+
+
 def pick_device(name: Optional[str]) -> torch.device:
+    """``--device``: cpu, cuda or cuda:N (default cuda when available, else cpu)."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise CliError(f"--device {name!r} is not a device name ({first_line(exc)}); use cpu, cuda or cuda:N") from None
+    if device.type not in DEVICE_TYPES:
+        raise CliError(f"--device {name}: ater_ext runs on {' or '.join(DEVICE_TYPES)}, got a {device.type} device")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CliError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -118,27 +143,38 @@ def load_checkpoint(path: str) -> dict:
     """A checkpoint written by ater-train; weights_only=True, so a file from elsewhere cannot run code."""
     if not os.path.isfile(path):
         raise CliError(f"checkpoint {path} not found")
+    if os.path.getsize(path) == 0:
+        raise CliError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign file
-        raise CliError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+        raise CliError(f"cannot read checkpoint {path}: {first_line(exc)}") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CliError(f"{path} is not an ater-train checkpoint (missing {', '.join(missing)})")
+    _check_checkpoint_fields(path, state)
     return state
 
 
-def write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+def _check_checkpoint_fields(path: str, state: dict) -> None:
+    """The fields a resume or an evaluation reads have the types and ranges ater-train writes."""
+    def bad(what: str) -> CliError:
+        return CliError(f"{path} is not a valid ater-train checkpoint ({what})")
 
-
-def write_csv(path: str, rows: List[Dict[str, object]]) -> None:
-    columns: List[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    epoch = state["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+        raise bad(f"epoch must be an integer >= 1, got {epoch!r}")
+    if not isinstance(state["config"], dict):
+        raise bad(f"config must be a dict, got {type(state['config']).__name__}")
+    history = state["history"]
+    if not isinstance(history, list) or len(history) != epoch or not all(isinstance(r, dict) for r in history):
+        raise bad(f"history must list one row per epoch ({epoch}), got "
+                  f"{len(history) if isinstance(history, list) else type(history).__name__}")
+    for key in ("model", "optimizer"):
+        if not isinstance(state[key], dict):
+            raise bad(f"{key} must be a state dict, got {type(state[key]).__name__}")
+    if not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        raise bad("model holds values that are not tensors")
+    best = state["best_error"]
+    if isinstance(best, bool) or not isinstance(best, (int, float)):
+        raise bad(f"best_error must be a number, got {best!r}")

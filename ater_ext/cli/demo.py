@@ -15,6 +15,7 @@ import os
 from typing import List, Optional, Sequence
 
 from . import evaluate, train
+from ..atomic_io import write_text
 from .common import machine_name, run_cli
 
 # The points of the robustness curves quoted in the table.
@@ -51,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for method in methods:
         run_dir = os.path.join(args.out, method)
         train.main(["--method", method, "--dataset", args.dataset, "--epochs", str(args.epochs),
-                    "--device", "cpu", "--out", run_dir])
+                    "--device", "cpu", "--out", run_dir, "--overwrite"])
         checkpoints.append(os.path.join(run_dir, "best.pt"))
     eval_args = ["--checkpoint", *checkpoints, "--out", args.out, "--device", "cpu"]
     if args.limit:
@@ -62,8 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     table = summary_table(results)
     text = (f"ater_ext demo on {args.dataset}, {args.epochs} epochs per method, machine: {machine_name()}\n"
             f"(test error of the best epoch's checkpoint; accuracy under attack on the test set)\n\n{table}\n")
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(text)
+    write_text(os.path.join(args.out, "summary.md"), text)
     print(text)
     print(f"figure: {os.path.join(args.out, 'robustness.png')}")
     return 0

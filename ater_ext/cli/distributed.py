@@ -74,6 +74,15 @@ def mean_over_ranks(values: Dict[str, float], ctx: DistContext, device: torch.de
     return dict(zip(values, (t / ctx.world_size).tolist()))
 
 
+def all_true(flag: bool, ctx: DistContext, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank (``flag`` itself for a single process)."""
+    if not ctx.enabled:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def gather_objects(obj, ctx: DistContext) -> List[object]:
     """Every rank's ``obj``, in rank order (``[obj]`` for a single process)."""
     if not ctx.enabled:

@@ -14,13 +14,12 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from tqdm import tqdm
 
 from .. import attacks, metrics
 from ..data import load_dataset
 from ..models import build_model
 from .common import (CliError, float_list, load_checkpoint, machine_name, pick_device, positive_float, positive_int,
-                     run_cli, spread_subset, write_csv, write_json)
+                     progress, run_cli, spread_subset, write_csv, write_json)
 from .plots import plot_robustness
 
 ATTACKS = {"fgsm": attacks.fgsm, "pgd-l2": attacks.pgd_l2, "pgd-linf": attacks.pgd_linf}
@@ -94,10 +93,11 @@ def evaluate_checkpoint(path: str, args, attack_names: List[str], device) -> Dic
     result["clean_accuracy"] = accuracy_under(model, None, 0.0, x, y, device, args.batch_size, args.steps)
     curves: Dict[str, List[Dict[str, float]]] = {}
     jobs = [(a, e) for a in attack_names for e in (args.eps_list if a in L2_ATTACKS else args.linf_eps_list)]
-    for attack, eps in tqdm(jobs, desc=os.path.basename(path), leave=False, dynamic_ncols=True):
-        acc = result["clean_accuracy"] if eps == 0 else accuracy_under(model, attack, eps, x, y, device,
-                                                                       args.batch_size, args.steps)
-        curves.setdefault(attack, []).append({"eps": eps, "accuracy": acc})
+    with progress(jobs, desc=os.path.basename(path)) as bar:
+        for attack, eps in bar:
+            acc = result["clean_accuracy"] if eps == 0 else accuracy_under(model, attack, eps, x, y, device,
+                                                                           args.batch_size, args.steps)
+            curves.setdefault(attack, []).append({"eps": eps, "accuracy": acc})
     result["attacks"] = curves
     energy_eps = args.energy_eps or float(cfg["eps"])
     m = min(n, 500)  # x is already a spread subset, so its first m samples span the classes

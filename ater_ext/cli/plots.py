@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..atomic_io import save_figure  # noqa: E402
+
 TITLES = {"fgsm": "FGSM (L-inf)", "pgd-l2": "PGD (L2)", "pgd-linf": "PGD (L-inf)"}
 
 
@@ -34,5 +36,5 @@ def plot_robustness(results: List[Dict[str, object]], path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -7,6 +7,7 @@ config; ``--resume`` continues bit for bit).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import time
@@ -16,15 +17,17 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
-from tqdm import tqdm
 
 from .. import metrics, objectives
 from . import distributed
+from .guards import POLICIES, NonFiniteError, NonFiniteGuard, all_finite
+from .run_dir import RunDir
 from ..data import DATASETS, Dataset, balanced_label_split, load_dataset
 from ..models import MODELS, build_model, default_model
 from ..train_step import backward_into_parameters
-from .common import (CliError, float_list, load_checkpoint, log, machine_name, pick_device, positive_float,
-                     positive_int, rng_state, run_cli, seed_everything, set_rng_state, spread_subset, write_csv, write_json)
+from .common import (CliError, load_checkpoint, log, machine_name, pick_device, positive_float, positive_int,
+                     progress, rng_state, run_cli, save_torch, seed_everything, set_rng_state, spread_subset, write_csv,
+                     write_json)
 
 METHODS = ("erm", "at", "vat", "ater", "vater")
 SEMI_SUPERVISED = ("vat", "vater")
@@ -59,6 +62,7 @@ class TrainConfig:
     compile: bool
     sync_bn: bool
     out: str
+    on_nonfinite: str = "stop"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun on GPUs)")
     p.add_argument("--out", default=None, help="output directory (default: results/<method>-<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it, a non-empty --out is refused)")
+    p.add_argument("--on-nonfinite", choices=POLICIES, default="stop",
+                   help="a NaN/Inf loss or gradient: stop (exit code 2, nothing non-finite saved) or skip the step "
+                        "(as GradScaler does); non-finite parameters always stop")
     p.add_argument("--stop-after", type=positive_int, default=None, metavar="N",
                    help="stop after epoch N as if interrupted (checkpoints written; --resume continues)")
     return p
@@ -110,7 +119,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         batch_size=args.batch_size, ul_batch_size=args.ul_batch_size, lr=args.lr, eps=args.eps,
         eps_adv=args.eps_adv, eps_vat=args.eps_vat, lam=args.lam if args.lam is not None else PAPER_LAM.get(args.dataset, 0.1),
         xi=args.xi, seed=args.seed, device=str(pick_device(args.device)), amp=args.amp, compile=args.compile,
-        sync_bn=args.sync_bn,
+        sync_bn=args.sync_bn, on_nonfinite=args.on_nonfinite,
         out=args.out or os.path.join("results", f"{args.method}-{args.dataset}"))
 
 
@@ -225,6 +234,8 @@ class Trainer:
         amp_cuda = cfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if amp_cuda else None
         self.amp_dtype = torch.float16 if amp_cuda else torch.bfloat16
+        self.guard = NonFiniteGuard(cfg.on_nonfinite, [p for p in self.model.parameters() if p.requires_grad],
+                                    cfg.out)
         self.start_epoch, self.history, self.best_error = 1, [], float("inf")
 
     # -- checkpoints
@@ -236,11 +247,16 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
 
     def save(self, epoch: int, is_best: bool) -> None:
+        """last.pt (and best.pt when ``is_best``), atomically; a model holding a
+        NaN or Inf is never saved (the previous files stay as they were)."""
         state = self.checkpoint(epoch)  # every rank takes part (the RNG states are gathered)
+        if not all_finite(v for v in state["model"].values() if v.is_floating_point()):
+            raise NonFiniteError(f"the model holds NaN or Inf after epoch {epoch}; not saved (the last finite "
+                                 f"checkpoint is {self.cfg.out}/last.pt, if any); {NonFiniteGuard.HINT}")
         if self.ctx.is_main:
-            torch.save(state, os.path.join(self.cfg.out, "last.pt"))
+            save_torch(os.path.join(self.cfg.out, "last.pt"), state)
             if is_best:
-                torch.save(state, os.path.join(self.cfg.out, "best.pt"))
+                save_torch(os.path.join(self.cfg.out, "best.pt"), state)
         distributed.barrier(self.ctx)
 
     def resume(self) -> None:
@@ -251,6 +267,8 @@ class Trainer:
         if changed:
             raise CliError(f"--resume: {path} was written with other settings ({', '.join(changed)}); "
                            f"use the same options or another --out")
+        if int(state["epoch"]) > self.cfg.epochs:
+            raise CliError(f"--resume: {path} is at epoch {state['epoch']}, beyond --epochs {self.cfg.epochs}")
         if int(state.get("world_size", 1)) != self.ctx.world_size:
             raise CliError(f"--resume: {path} was written by {state.get('world_size', 1)} processes, "
                            f"this run has {self.ctx.world_size}; resume with the same number")
@@ -269,31 +287,49 @@ class Trainer:
         steps = self.streams.steps_per_epoch()
         total = steps * cfg.epochs
         sums: Dict[str, float] = {}
-        bar = tqdm(self.streams.epoch(epoch), total=steps, desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}",
-                   disable=self.rank != 0, leave=False, dynamic_ncols=True)
-        lr = cfg.lr
-        for step, (idx_l, idx_ul) in enumerate(bar):
-            lr = schedule(self.optimizer, cfg, (epoch - 1) * steps + step, total)
-            x = data.x_train[idx_l].to(self.device)
-            y = data.y_train[idx_l].to(self.device)
-            x_ul = data.x_train[idx_ul].to(self.device) if idx_ul is not None else None
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=cfg.amp):
-                loss, stats = objective(cfg, self.model, x, y, x_ul, self.scaler)
-            self.optimizer.zero_grad(set_to_none=True)
-            scaled = self.scaler.scale(loss) if self.scaler is not None else loss
-            backward_into_parameters(scaled, self.model, self.optimizer)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{stats['loss']:.4f}")
-        row = distributed.mean_over_ranks({f"train_{k}": v / steps for k, v in sums.items()}, self.ctx,
+        taken, skipped_before = 0, self.guard.skipped
+        with progress(self.streams.epoch(epoch), total=steps, desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}",
+                      quiet=self.rank != 0) as bar:
+            lr = cfg.lr
+            for step, (idx_l, idx_ul) in enumerate(bar):
+                lr = schedule(self.optimizer, cfg, (epoch - 1) * steps + step, total)
+                x = data.x_train[idx_l].to(self.device)
+                y = data.y_train[idx_l].to(self.device)
+                x_ul = data.x_train[idx_ul].to(self.device) if idx_ul is not None else None
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=cfg.amp):
+                    loss, stats = objective(cfg, self.model, x, y, x_ul, self.scaler)
+                self.optimizer.zero_grad(set_to_none=True)
+                scaled = self.scaler.scale(loss) if self.scaler is not None else loss
+                backward_into_parameters(scaled, self.model, self.optimizer)
+                if not self._take_step(stats["loss"], f"epoch {epoch} step {step + 1}"):
+                    continue
+                taken += 1
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                bar.set_postfix(loss=f"{stats['loss']:.4f}")
+        if taken == 0:
+            raise NonFiniteError(f"every step of epoch {epoch} was non-finite and skipped; nothing saved; "
+                                 f"{NonFiniteGuard.LOWER}")
+        row = distributed.mean_over_ranks({f"train_{k}": v / taken for k, v in sums.items()}, self.ctx,
                                           self.device)
         row["lr"] = lr
+        row["skipped_steps"] = self.guard.skipped - skipped_before
         return row
+
+    def _take_step(self, loss: float, where: str) -> bool:
+        """The optimiser step, unless the non-finite guard skips it (all ranks agree)."""
+        problem = self.guard.step_problem(loss, check_grads=self.scaler is None)
+        if not distributed.all_true(problem is None, self.ctx, self.device) and problem is None:
+            problem = "non-finite values on another rank"
+        if not self.guard.take_step(problem, where):
+            return False
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.guard.check_parameters(where)
+        return True
 
     def energy_stats(self) -> Dict[str, float]:
         """Monte-Carlo energy (E_B / Vol(B), E_eps) at radius eps on a fixed test subset."""
@@ -348,17 +384,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ctx = distributed.init(device)
     try:
         cfg.device = str(distributed.rank_device(device, ctx))
-        train(cfg, ctx, resume=args.resume, stop_after=args.stop_after)
+        with owned_out_dir(cfg, ctx, resume=args.resume, overwrite=args.overwrite):
+            train(cfg, ctx, resume=args.resume, stop_after=args.stop_after)
         distributed.barrier(ctx)  # every rank done before the process group (and its store) goes away
     finally:
         distributed.shutdown(ctx)  # the trainer (and its DDP module) is out of scope by now
     return 0
 
 
+@contextlib.contextmanager
+def owned_out_dir(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, overwrite: bool):
+    """``--out`` locked for the run by rank 0 (:class:`RunDir`); every rank
+    learns whether that worked before any of them trains."""
+    with contextlib.ExitStack() as stack:
+        error: Optional[CliError] = None
+        if ctx.is_main:
+            try:
+                stack.enter_context(RunDir(cfg.out, resume=resume, overwrite=overwrite))
+            except CliError as exc:
+                error = exc
+        if not distributed.all_true(error is None, ctx, torch.device(cfg.device)):
+            raise error or CliError(f"--out {cfg.out}: rank 0 could not take the folder (see its error)")
+        yield
+
+
 def train(cfg: TrainConfig, ctx: distributed.DistContext, *, resume: bool, stop_after: Optional[int]) -> None:
     """Builds the trainer, resumes it when asked and runs it."""
-    trainer = Trainer(cfg, ctx)  # loads the data first: a data error leaves no empty --out behind
-    os.makedirs(cfg.out, exist_ok=True)
+    trainer = Trainer(cfg, ctx)
     if resume:
         trainer.resume()
     trainer.run(stop_after=stop_after)
