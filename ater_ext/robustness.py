@@ -25,7 +25,8 @@ from tqdm import tqdm
 from . import attacks
 
 __all__ = ["ATTACKS", "NORMS", "check_data_range", "check_logits", "collect", "clean_correct",
-           "pgd_robust_mask", "attack_accuracy", "percent", "AutoAttackResult", "autoattack", "perturbation_norms"]
+           "pgd_robust_mask", "attack_accuracy", "percent",
+           "verified_breaks", "progress_bar", "AutoAttackResult", "autoattack", "perturbation_norms"]
 
 Clamp = Tuple[float, float]
 
@@ -130,6 +131,19 @@ def perturbation_norms(x_adv: Tensor, x: Tensor, norm: str) -> Tensor:
     return delta.norm(dim=1) if norm == "l2" else delta.abs().amax(dim=1)
 
 
+def verified_breaks(model: nn.Module, x_adv: Tensor, x: Tensor, y: Tensor, *, norm: str, eps: float,
+                    batch_size: int = 500, device=None) -> Tensor:
+    """``[N]`` bool: ``x_adv`` is misclassified and within ``eps`` of ``x`` (the
+    check every adversarial point passes here before it counts)."""
+    within = perturbation_norms(x_adv, x, norm) <= eps * (1 + 1e-5) + 1e-7
+    return within & ~clean_correct(model, x_adv, y, batch_size=batch_size, device=device)
+
+
+def progress_bar(total: int, desc: str, show: bool = True) -> tqdm:
+    """A bar over ``total`` units that shows only on a terminal (and when ``show``)."""
+    return tqdm(total=total, desc=desc, disable=None if show else True, leave=False, dynamic_ncols=True)
+
+
 def pgd_robust_mask(model: nn.Module, x: Tensor, y: Tensor, attack: str, eps: float, *, steps: int = 10,
                     step_size: Optional[float] = None, restarts: int = 1, random_start: bool = False,
                     clamp: Clamp = (0.0, 1.0), batch_size: int = 500, seed: int = 0, device=None) -> Tensor:
@@ -176,6 +190,7 @@ def attack_accuracy(model: nn.Module, x: Tensor, y: Tensor, attack: str, eps: fl
 
 # ---------------------------------------------------------------- AutoAttack
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
+STANDARD_SQUARE_QUERIES = 5000
 
 
 @dataclass
@@ -203,10 +218,16 @@ class AutoAttackResult:
     seed: int
     robust: Tensor = field(repr=False)
     x_adv: Tensor = field(repr=False)
+    square_queries: int = STANDARD_SQUARE_QUERIES
+
+    @property
+    def version(self) -> str:
+        """"standard" unless Square's query budget was changed (then "custom")."""
+        return "standard" if self.square_queries == STANDARD_SQUARE_QUERIES else "custom"
 
     def to_dict(self) -> Dict[str, object]:
         d = {k: v for k, v in asdict(self).items() if k not in ("robust", "x_adv")}
-        d["version"] = "standard"
+        d["version"] = self.version
         d["attacks"] = list(STANDARD_ATTACKS)
         return d
 
@@ -241,7 +262,8 @@ def _autoattack_logging():
 
 
 def autoattack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "linf", eps: float, batch_size: int = 250,
-               seed: int = 0, device=None, progress: bool = True) -> AutoAttackResult:
+               seed: int = 0, device=None, progress: bool = True,
+               square_queries: int = STANDARD_SQUARE_QUERIES) -> AutoAttackResult:
     """AutoAttack's standard version (APGD-CE, APGD-T, FAB-T, Square; Croce &
     Hein 2020) through the reference code packaged as ``pyautoattack``.
 
@@ -250,7 +272,9 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "linf", ep
     counts; every adversarial point is checked here (its distance to ``x`` is
     at most ``eps``, the model misclassifies it) before it counts. Inputs must
     be in ``[0, 1]`` (AutoAttack clips to it). pyautoattack seeds the global
-    RNG; the caller's RNG state is restored afterwards.
+    RNG; the caller's RNG state is restored afterwards. ``square_queries``
+    other than 5000 makes it a custom (weaker) version, recorded as such: for
+    smoke tests only.
     """
     from pyautoattack import AutoAttack
     from pyautoattack import checks as aa_checks
@@ -276,6 +300,7 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "linf", ep
         n_targets = min(9, num_classes - 1)
         aa.apgd_targeted.n_target_classes = n_targets
         aa.fab.n_target_classes = n_targets
+        aa.square.n_queries = int(square_queries)
         robust = clean_correct(model, x, y, batch_size=batch_size, device=device)
         clean = percent(robust)
         x_found = x.clone()
@@ -291,9 +316,8 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "linf", ep
                 if len(idx):
                     aa.attacks_to_run = [name]
                     x_adv, _ = aa.run_standard_evaluation(x[idx], y[idx], batch_size=batch_size)
-                    fooled = ~clean_correct(model, x_adv, y[idx], batch_size=batch_size, device=device)
-                    within = perturbation_norms(x_adv, x[idx], norm) <= eps * (1 + 1e-5) + 1e-7
-                    fooled &= within
+                    fooled = verified_breaks(model, x_adv, x[idx], y[idx], norm=norm, eps=eps,
+                                             batch_size=batch_size, device=device)
                     robust[idx[fooled]] = False
                     x_found[idx[fooled]] = x_adv[fooled].to(x_found.dtype)
                     broken = int(fooled.sum())
@@ -306,4 +330,4 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "linf", ep
     return AutoAttackResult(norm=norm, eps=eps, n=len(x), clean_accuracy=clean,
                             robust_accuracy=percent(robust), per_attack=per_attack,
                             warnings=list(log.messages), seconds=time.perf_counter() - start, seed=seed,
-                            robust=robust, x_adv=x_found)
+                            robust=robust, x_adv=x_found, square_queries=int(square_queries))
