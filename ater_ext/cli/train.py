@@ -22,6 +22,7 @@ from .. import metrics, objectives
 from . import distributed
 from .guards import POLICIES, NonFiniteError, NonFiniteGuard, all_finite
 from .run_dir import RunDir
+from .selection import DEFAULT_VAL_SIZE, SELECTIONS, Validation, selection_radius, split_validation
 from ..data import DATASETS, Dataset, balanced_label_split, load_dataset
 from ..models import MODELS, build_model, default_model
 from ..train_step import backward_into_parameters
@@ -37,7 +38,7 @@ PAPER_LAM = {"cifar10": 0.5, "svhn": 0.5}
 
 # Fields that define a run: --resume refuses a checkpoint whose values differ.
 RUN_FIELDS = ("method", "dataset", "model", "labels", "epochs", "batch_size", "ul_batch_size", "lr", "eps",
-              "eps_adv", "eps_vat", "lam", "xi", "seed", "amp")
+              "eps_adv", "eps_vat", "lam", "xi", "seed", "amp", "val_size", "select", "select_subset")
 
 
 @dataclass
@@ -63,6 +64,9 @@ class TrainConfig:
     sync_bn: bool
     out: str
     on_nonfinite: str = "stop"
+    val_size: int = 0
+    select: str = "clean"
+    select_subset: int = 500
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps-vat", type=positive_float, default=2.0, help="L2 radius of VAT's r_vat (paper: 2.0 MNIST, 6.0-8.0 CIFAR-10)")
     p.add_argument("--lam", type=positive_float, default=None, help="energy weight lambda; default the paper's: 0.1 MNIST, 0.5 CIFAR-10/SVHN")
     p.add_argument("--xi", type=positive_float, default=None, help="probe distance; default by dtype: 1e-3 fp32, 1e-6 fp64 (paper: 1e-6)")
+    p.add_argument("--val-size", type=int, default=None, metavar="N",
+                   help="training images held out for validation (balanced over classes, drawn with --seed; "
+                        "best.pt is selected on them, never on the test set; 0: none, best.pt = last epoch); "
+                        "default per dataset: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_VAL_SIZE.items()))
+    p.add_argument("--select", choices=SELECTIONS, default=None,
+                   help="best.pt by the lowest validation error (clean) or the highest validation accuracy "
+                        "under 10-step PGD-L2 at the training radius (robust: --eps-adv, --eps-vat for vat/vater); "
+                        "default clean")
+    p.add_argument("--select-subset", type=positive_int, default=500, metavar="N",
+                   help="validation images of the robust accuracy (a fixed subset; logged every epoch)")
     p.add_argument("--seed", type=int, default=0, help="random seed (data order, initialisation, dropout, VAT directions)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU)")
@@ -111,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.epochs < 1 or args.batch_size < 1 or args.ul_batch_size < 1:
         raise CliError("--epochs, --batch-size and --ul-batch-size must be >= 1")
+    if args.val_size == 0 and args.select is not None:
+        raise CliError(f"--select {args.select} needs a validation set; drop --val-size 0")
     if args.labels is not None and args.labels < 1:
         raise CliError(f"--labels must be >= 1, got {args.labels}")
     return TrainConfig(
@@ -120,6 +136,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         eps_adv=args.eps_adv, eps_vat=args.eps_vat, lam=args.lam if args.lam is not None else PAPER_LAM.get(args.dataset, 0.1),
         xi=args.xi, seed=args.seed, device=str(pick_device(args.device)), amp=args.amp, compile=args.compile,
         sync_bn=args.sync_bn, on_nonfinite=args.on_nonfinite,
+        val_size=DEFAULT_VAL_SIZE[args.dataset] if args.val_size is None else args.val_size,
+        select=args.select or "clean", select_subset=args.select_subset,
         out=args.out or os.path.join("results", f"{args.method}-{args.dataset}"))
 
 
@@ -128,12 +146,12 @@ class Streams:
     """Labelled and unlabelled index streams. Each epoch's order comes from a
     DistributedSampler seeded by (seed, epoch), so a resumed run replays it."""
 
-    def __init__(self, data: Dataset, cfg: TrainConfig, rank: int = 0, world_size: int = 1):
-        n = data.x_train.shape[0]
+    def __init__(self, data: Dataset, pool: torch.Tensor, cfg: TrainConfig, rank: int = 0, world_size: int = 1):
         if cfg.labels is not None:
-            labelled, unlabelled = balanced_label_split(data.y_train, cfg.labels, data.num_classes, cfg.seed)
+            labelled, unlabelled = balanced_label_split(data.y_train[pool], cfg.labels, data.num_classes, cfg.seed)
+            labelled, unlabelled = pool[labelled], pool[unlabelled]
         else:
-            labelled, unlabelled = torch.arange(n), torch.zeros(0, dtype=torch.long)
+            labelled, unlabelled = pool, torch.zeros(0, dtype=torch.long)
         self.labelled, self.unlabelled = labelled, unlabelled
         self.semi = cfg.method in SEMI_SUPERVISED and len(unlabelled) > 0
         self.batch, self.ul_batch = cfg.batch_size, cfg.ul_batch_size
@@ -200,7 +218,7 @@ def schedule(optimizer, cfg: TrainConfig, step: int, total: int) -> float:
 
 @torch.no_grad()
 def test_error(model, x, y, device, batch: int = 500) -> Dict[str, float]:
-    """Test error (%) and loss, in eval mode (mode restored)."""
+    """Test error (%) and loss, in eval mode (mode restored); reported, never used for selection."""
     was_training = model.training
     model.eval()
     wrong, loss = 0, 0.0
@@ -222,7 +240,10 @@ class Trainer:
         self.cfg, self.ctx, self.rank = cfg, ctx, ctx.rank
         self.device = torch.device(cfg.device)
         self.data = load_dataset(cfg.dataset, cfg.data_dir)
-        check_labels(cfg, self.data)
+        train_idx, val_idx = split_validation(self.data, cfg.val_size, cfg.seed)
+        check_labels(cfg, self.data, len(train_idx))
+        self.validation = Validation(self.data, val_idx, select=cfg.select, radius=selection_radius(
+            cfg.method, cfg.eps_adv, cfg.eps_vat), subset=cfg.select_subset, device=self.device)
         seed_everything(cfg.seed)  # the same initial weights on every rank
         module = build_model(cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
         self.model = distributed.wrap_model(module, self.device, ctx, cfg.sync_bn)
@@ -230,21 +251,26 @@ class Trainer:
         if ctx.enabled:
             torch.manual_seed(cfg.seed + 1000 * ctx.rank)  # per-rank dropout / VAT draws
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
-        self.streams = Streams(self.data, cfg, ctx.rank, ctx.world_size)
+        self.streams = Streams(self.data, train_idx, cfg, ctx.rank, ctx.world_size)
         amp_cuda = cfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if amp_cuda else None
         self.amp_dtype = torch.float16 if amp_cuda else torch.bfloat16
         self.guard = NonFiniteGuard(cfg.on_nonfinite, [p for p in self.model.parameters() if p.requires_grad],
                                     cfg.out)
-        self.start_epoch, self.history, self.best_error = 1, [], float("inf")
+        self.start_epoch, self.history = 1, []
 
     # -- checkpoints
     def checkpoint(self, epoch: int) -> dict:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch,
                 "rng": distributed.gather_objects(rng_state(), self.ctx), "world_size": self.ctx.world_size,
                 "config": asdict(self.cfg), "history": self.history,
-                "best_error": self.best_error,
+                **self.best_fields(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
+
+    def best_fields(self) -> dict:
+        """The selected epoch and its validation error (NaN without a validation set)."""
+        best = self.validation.best_epoch(self.history)
+        return {"best_epoch": best, "best_error": float(self.history[best - 1].get("val_error", float("nan")))}
 
     def save(self, epoch: int, is_best: bool) -> None:
         """last.pt (and best.pt when ``is_best``), atomically; a model holding a
@@ -278,7 +304,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][self.ctx.rank])
         self.start_epoch = int(state["epoch"]) + 1
-        self.history, self.best_error = list(state["history"]), float(state["best_error"])
+        self.history = list(state["history"])
 
     # -- one epoch
     def train_epoch(self, epoch: int) -> Dict[str, float]:
@@ -347,17 +373,21 @@ class Trainer:
             row = {"epoch": epoch, **self.train_epoch(epoch)}
             # every rank evaluates the same model on the whole test set (cheap next to training),
             # so all ranks agree on the best epoch without a broadcast
+            row["train_seconds"] = time.perf_counter() - start
+            row.update(self.validation.measure(self.module))
             row.update(test_error(self.module, self.data.x_test, self.data.y_test, self.device))
             row.update(self.energy_stats())
             row["seconds"] = time.perf_counter() - start
             self.history.append(row)
-            is_best = row["test_error"] < self.best_error
-            self.best_error = min(self.best_error, row["test_error"])
+            is_best = self.validation.best_epoch(self.history) == epoch
             self.save(epoch, is_best)
             self.write_metrics()
             if self.rank == 0:
-                log.info("epoch %d/%d  loss %.4f  test error %.2f %%  (%.1f s)", epoch, cfg.epochs,
-                         row.get("train_loss", float("nan")), row["test_error"], row["seconds"])
+                val = (f"val error {row['val_error']:.2f} %  val PGD acc {row['val_robust_acc']:.1f} %  "
+                       if "val_error" in row else "")
+                log.info("epoch %d/%d  loss %.4f  %stest error %.2f %%%s  (%.1f s)", epoch, cfg.epochs,
+                         row.get("train_loss", float("nan")), val, row["test_error"], " (best)" if is_best else "",
+                         row["seconds"])
             if stop_after is not None and epoch >= stop_after:
                 break
         return self.history
@@ -370,9 +400,10 @@ class Trainer:
         write_csv(os.path.join(self.cfg.out, "metrics.csv"), self.history)
 
 
-def check_labels(cfg: TrainConfig, data: Dataset) -> None:
-    if cfg.labels is not None and cfg.labels > len(data.y_train):
-        raise CliError(f"--labels {cfg.labels} is larger than the {len(data.y_train)} training samples of {cfg.dataset}")
+def check_labels(cfg: TrainConfig, data: Dataset, n_train: int) -> None:
+    if cfg.labels is not None and cfg.labels > n_train:
+        raise CliError(f"--labels {cfg.labels} is larger than the {n_train} training samples of {cfg.dataset} "
+                       f"left after the --val-size {cfg.val_size} validation images")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
