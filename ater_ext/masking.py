@@ -115,18 +115,24 @@ def _square_breaks(model: nn.Module, x: Tensor, y: Tensor, candidates: Tensor, *
 
 def masking_report(model: nn.Module, x: Tensor, y: Tensor, *, norm: str, eps: float,
                    surrogate: Optional[nn.Module] = None, autoattack: Optional[AutoAttackResult] = None,
-                   restarts: int = 5, square_queries: int = 5000, tolerance: float = 2.0,
-                   zero_tolerance: float = 2.0, batch_size: int = 500, seed: int = 0, device=None,
+                   restarts: int = 5, square_queries: int = 5000, tolerance: Optional[float] = None,
+                   zero_tolerance: Optional[float] = None, batch_size: int = 500, seed: int = 0, device=None,
                    progress: bool = True) -> MaskingReport:
     """The checks of the module docstring for ``model`` on ``(x, y)`` at ``eps``.
 
     ``surrogate``: a model whose PGD examples are transferred (no transfer check
     without one); ``autoattack``: an AutoAttack result on the same points, norm
     and radius (its Square stage and warnings are used). Inputs in ``[0, 1]``.
+    ``tolerance`` / ``zero_tolerance``: percentage points; by default 2, or
+    three points' worth (``300 / N``) when that is more, since one point of
+    ``N`` moves an accuracy by ``100 / N``.
     """
     start = time.perf_counter()
     norm = robustness.check_norm(norm)
     eps = robustness.check_eps("masking_report", eps)
+    default_tolerance = max(2.0, 300.0 / max(1, len(x)))
+    tolerance = default_tolerance if tolerance is None else tolerance
+    zero_tolerance = default_tolerance if zero_tolerance is None else zero_tolerance
     for name, value in (("tolerance", tolerance), ("zero_tolerance", zero_tolerance)):
         if not (math.isfinite(float(value)) and value >= 0):
             raise ValueError(f"ater_ext.masking_report: {name} must be finite and >= 0, got {value!r}")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..atomic_io import save_torch, write_csv, write_json  # noqa: F401  (the CLI's writers)
+from ..atomic_io import save_torch, write_csv, write_json, write_text  # noqa: F401  (the CLI's writers)
 
 log = logging.getLogger("ater_ext")
 

@@ -1,19 +1,23 @@
 """The robustness figure (the paper's Fig. 2): test accuracy against perturbation
-size, one panel per attack, one curve per checkpoint."""
+size, one panel per attack, one curve per method. Checkpoints that share a
+method (several seeds) are drawn as their mean with a +- std band; every panel
+names the dataset, the number of test points, the attack, its norm and its
+steps, and the legend sits below the panels where no curve hides it."""
 from __future__ import annotations
 
-from typing import Dict, List
-
 import os
+from collections import OrderedDict
+from typing import Dict, List
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 from ..atomic_io import save_figure  # noqa: E402
 
-TITLES = {"fgsm": "FGSM (L-inf)", "pgd-l2": "PGD (L2)", "pgd-linf": "PGD (L-inf)"}
+TITLES = {"fgsm": ("FGSM", "L-inf"), "pgd-l2": ("PGD", "L2"), "pgd-linf": ("PGD", "L-inf")}
 
 
 def _short(path: str) -> str:
@@ -21,20 +25,49 @@ def _short(path: str) -> str:
     return os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
 
 
+def _groups(results: List[Dict[str, object]]) -> "OrderedDict[str, List[Dict[str, object]]]":
+    groups: "OrderedDict[str, List[Dict[str, object]]]" = OrderedDict()
+    for r in results:
+        groups.setdefault(str(r["method"]), []).append(r)
+    return groups
+
+
+def _panel_title(attack: str, results: List[Dict[str, object]]) -> str:
+    name, norm = TITLES.get(attack, (attack, ""))
+    pgd = results[0]["pgd"] if "pgd" in results[0] else {}
+    if name == "PGD" and pgd:
+        restarts = f", {pgd['restarts']} restarts" if pgd.get("restarts", 1) > 1 else ""
+        name = f"PGD-{pgd['steps']}{restarts}"
+    datasets = sorted({str(r["dataset"]) for r in results})
+    ns = sorted({int(r["n_test"]) for r in results})
+    return f"{name} ({norm})\n{', '.join(datasets)}, n = {', '.join(map(str, ns))} test points"
+
+
 def plot_robustness(results: List[Dict[str, object]], path: str) -> None:
     attacks = list(dict.fromkeys(a for r in results for a in r["attacks"]))
-    fig, axes = plt.subplots(1, max(1, len(attacks)), figsize=(4.2 * max(1, len(attacks)), 3.6), squeeze=False)
+    panels = max(1, len(attacks))
+    fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 4.2), squeeze=False)
     for ax, attack in zip(axes[0], attacks):
-        for r in results:
-            points = r["attacks"].get(attack, [])
-            ax.plot([p["eps"] for p in points], [p["accuracy"] for p in points], marker="o",
-                    label=f"{r['method'].upper()} ({_short(r['checkpoint'])})")
-        ax.set_title(TITLES.get(attack, attack))
-        ax.set_xlabel("perturbation size eps")
+        for method, runs in _groups(results).items():
+            runs = [r for r in runs if attack in r["attacks"]]
+            if not runs:
+                continue
+            eps = [p["eps"] for p in runs[0]["attacks"][attack]]
+            acc = np.array([[p["accuracy"] for p in r["attacks"][attack]] for r in runs])
+            if len(runs) == 1:
+                label = f"{method.upper()} ({_short(str(runs[0]['checkpoint']))})"
+                ax.plot(eps, acc[0], marker="o", label=label)
+            else:
+                mean, std = acc.mean(axis=0), acc.std(axis=0, ddof=1)
+                (line,) = ax.plot(eps, mean, marker="o", label=f"{method.upper()} ({len(runs)} runs, mean +- std)")
+                ax.fill_between(eps, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_title(_panel_title(attack, results), fontsize=9)
+        ax.set_xlabel(f"perturbation size eps ({TITLES.get(attack, ('', ''))[1]})")
         ax.set_ylabel("test accuracy (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 3), 1, 1))
     save_figure(fig, path, dpi=120)
     plt.close(fig)
