@@ -115,10 +115,10 @@ def machine_name() -> str:
 
 
 def spread_subset(n_total: int, n: int, seed: int = 0) -> torch.Tensor:
-    """Indices of a fixed random subset of size ``n`` (test sets are often sorted by class,
-    so their first ``n`` samples are not representative)."""
-    if n >= n_total:
-        return torch.arange(n_total)
+    """Indices of a fixed random subset of size ``min(n, n_total)``, in a fixed random
+    order: test sets are often sorted by class, so neither their first ``n``
+    samples nor the first ``m`` of a sorted subset are representative, while
+    every prefix of this order is."""
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n]
 
 
