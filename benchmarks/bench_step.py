@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ops import machine_info  # noqa: E402
 
 from ater_ext import TrainStep, objectives  # noqa: E402
+from ater_ext.atomic_io import write_json, write_text  # noqa: E402
 from ater_ext.passes import has_active_dropout  # noqa: E402
 from ater_ext.models import build_model  # noqa: E402
 
@@ -401,8 +402,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else ""
-    (out / f"step-{slug}{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"step-{slug}{suffix}.md").write_text(render_markdown(report))
+    write_json(str(out / f"step-{slug}{suffix}.json"), report)
+    write_text(str(out / f"step-{slug}{suffix}.md"), render_markdown(report))
     print(render_markdown(report))
 
 
