@@ -14,12 +14,12 @@ batched ops live in :mod:`ater_ext.ops` (also ``torch.ops.ater_ext.*``),
 :func:`backward_into_parameters` is the backward it runs (no gradient for the penalty's ``x_max``).
 
 Every submodule is reachable as an attribute after ``import ater_ext``; those
-that pull in optional or heavy dependencies (
+that pull in optional or heavy dependencies (``ater_ext.integrations.lightning``,
 ``ater_ext.data``, ``ater_ext.cli``) are imported on first access.
 """
 import importlib as _importlib
 
-from . import (attacks, checks, energy, gradient_bank, metrics, models, modules, objectives, ops,
+from . import (attacks, checks, energy, gradient_bank, integrations, metrics, models, modules, objectives, ops,
                outputs, passes, randomness, reference, train_step)
 from ._loader import BUILD_CPU_ISA
 from .energy import default_xi, energy_reg, x_max
@@ -34,7 +34,7 @@ _LAZY_SUBMODULES = ("data", "cli")
 
 __all__ = ["energy_reg", "x_max", "default_xi", "capture_rng_state", "resolve_output", "TrainStep",
            "backward_into_parameters", "EnergyReg", "ERMLoss", "ATLoss", "VATLoss", "ATERLoss", "VATERLoss",
-           "attacks", "metrics", "objectives", "ops", "reference", "models", "outputs", "modules",
+           "attacks", "metrics", "objectives", "ops", "reference", "models", "outputs", "modules", "integrations",
            "energy", "passes", "randomness", "checks", "gradient_bank", "train_step", "BUILD_CPU_ISA",
            "__version__"]
 
