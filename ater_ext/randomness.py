@@ -98,8 +98,13 @@ class RandomTape:
 
     @contextlib.contextmanager
     def run(self) -> Iterator[None]:
-        """One forward pass: the first records, every later one replays."""
+        """One forward pass: the first records, every later one replays. A model
+        whose first pass drew nothing is taken to draw nothing: later passes then
+        run without the recording mode (it costs a few microseconds per call)."""
         replay = self.recorded
+        if replay and not self.entries:
+            yield
+            return
         if not replay:
             self.entries = []
         with _TapeMode(self, replay):
@@ -308,6 +313,10 @@ def _opaque(mode: _TapeMode, func, args, kwargs):
     if func not in _DROPOUTS and not _draws_inside(func, args, kwargs):
         return func(*args, **kwargs)
     device = _device_of(args, kwargs)
+    if _is_capturing(device):
+        raise RuntimeError(f"ater_ext: {getattr(func, '__name__', func)} draws random numbers that the extra passes "
+                           f"replay through the CUDA generator's state, which cannot be read while a CUDA graph is "
+                           f"captured; turn that dropout off for a captured step (or run the step eagerly)")
     if mode.replay:
         state = mode.next_entry("global state", func)
         with mode.tape.global_state(device, state):

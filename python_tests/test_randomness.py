@@ -187,8 +187,19 @@ def test_a_model_drawing_differently_per_pass_is_refused():
         def forward(self, x):
             self.calls += 1
             h = self.lin(x)
-            return h + torch.rand_like(h) if self.calls > 1 else h
+            return h + torch.rand_like(h) if self.calls > 1 else torch.nn.functional.dropout(h, 0.2)
 
     model, x, y = Moody().double(), *make("tanh")[1:]
-    with pytest.raises(RuntimeError, match="random draws differ between the passes"):
+    with pytest.raises(RuntimeError, match=r"random draws differ between the passes .*draw 1: rand_like here, "
+                                           r"dropout in the first pass"):
+        ater_ext.x_max(model, x, y)
+
+
+def test_draws_inside_aten_kernels_are_refused_during_cuda_graph_capture(monkeypatch):
+    from ater_ext import randomness
+    monkeypatch.setattr(randomness, "_is_capturing", lambda device: True)
+    torch.manual_seed(0)
+    model = AttentionNet().double()
+    x, y = torch.randn(4, 5, 8, dtype=F64), torch.randint(0, 10, (4,))
+    with pytest.raises(RuntimeError, match="multi_head_attention_forward draws random numbers .* CUDA graph"):
         ater_ext.x_max(model, x, y)
