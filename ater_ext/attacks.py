@@ -27,20 +27,24 @@ What every attack guarantees:
   NaN). TRADES's L2 attack falls back to random noise there; these attacks
   do not, so a flat loss (e.g. a saturated softmax in fp32) is reported as
   robust rather than hidden behind a random perturbation.
-* ``eps == 0`` returns a copy of ``x``. The result is detached, in ``x``'s dtype.
+* ``eps == 0`` returns a copy of ``x``. The result is detached, in ``x``'s
+  dtype and memory format (channels_last stays channels_last).
+* ``output=`` says where the logits are in the model's output (a key, an
+  index or a callable; :func:`ater_ext.outputs.resolve_output`).
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import ops
-from .energy import check_batch, check_clamp, clamp_to, resolve_loss_fn
-from .passes import ExtraPasses, LossFn
+from .checks import check_batch, check_clamp, check_nonnegative, check_positive, resolve_loss_fn
+from .energy import clamp_to
+from .outputs import OutputSpec
+from .passes import ExtraPasses, LossFn, in_memory_format
 
 __all__ = ["fgsm", "pgd_l2", "pgd_linf"]
 
@@ -48,27 +52,14 @@ Clamp = Optional[Tuple[float, float]]
 
 
 # ------------------------------------------------------------------- helpers
-def _check_eps(op: str, eps: float) -> float:
-    """``eps`` as a float; ValueError naming ``op`` unless finite and >= 0."""
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise ValueError(f"ater_ext.{op}: eps must be a finite number >= 0, got {eps!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"ater_ext.{op}: eps must be finite and >= 0, got {value}")
-    return value
-
-
-def _check_steps(op: str, steps: int, step_size: Optional[float], eps: float) -> Tuple[int, float]:
+def _check_steps(op: str, steps: int, step_size: Optional[float], eps: float, dtype: torch.dtype
+                 ) -> Tuple[int, float]:
     if isinstance(steps, bool) or int(steps) != steps or steps < 1:
         raise ValueError(f"ater_ext.{op}: steps must be an integer >= 1, got {steps!r}")
     steps = int(steps)
     if step_size is None:
         return steps, 2.5 * eps / steps  # Madry et al.
-    size = float(step_size)
-    if not (math.isfinite(size) and size > 0):
-        raise ValueError(f"ater_ext.{op}: step_size must be finite and > 0, got {size}")
-    return steps, size
+    return steps, check_positive(op, "step_size", step_size, dtype)
 
 
 @contextlib.contextmanager
@@ -104,7 +95,7 @@ def _draw_device(x: Tensor, generator: Optional[torch.Generator]) -> torch.devic
 
 def _prepare(op: str, x: Tensor, y: Tensor, eps: float) -> float:
     check_batch(op, x, y)
-    return _check_eps(op, eps)
+    return check_nonnegative(op, "eps", eps, x.dtype)
 
 
 def _input_grad(passes: ExtraPasses, x_adv: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
@@ -127,7 +118,7 @@ def _project_linf(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
 
 # ---------------------------------------------------------------- public API
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, clamp: Clamp = (0.0, 1.0),
-         loss_fn: Optional[LossFn] = None, eval_mode: bool = True) -> Tensor:
+         loss_fn: Optional[LossFn] = None, eval_mode: bool = True, output: OutputSpec = None) -> Tensor:
     """Fast gradient sign method (Goodfellow et al. 2015), an L-inf attack.
 
     ``x_adv = clip(x + eps * sign(grad_x sum_i L(x_i, y_i)))``, with ``clip``
@@ -140,6 +131,7 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, clamp: Clamp = (
         clamp: data range ``(lo, hi)`` or ``None``.
         loss_fn: ``loss_fn(logits, y, reduction=...)``; ``F.cross_entropy`` by default.
         eval_mode: run the model in eval mode (restored afterwards).
+        output: where the logits are in the model's output (``None``: it is the logits).
 
     Coordinates with a zero gradient do not move (``sign(0) = 0``).
     """
@@ -148,39 +140,39 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, clamp: Clamp = (
     clamp = check_clamp(op, clamp)
     if eps == 0:
         return x.detach().clone()
-    loss_fn = resolve_loss_fn(loss_fn)
+    loss_fn = resolve_loss_fn(loss_fn, op)
     x0 = x.detach()
-    with model_mode(model, eval_mode), torch.enable_grad(), ExtraPasses(model, x0) as passes:
+    with model_mode(model, eval_mode), torch.enable_grad(), ExtraPasses(model, x0, output=output, op=op) as passes:
         g = _input_grad(passes, x0, y, loss_fn)
-    return clamp_to(x0 + eps * g.sign(), clamp).detach()
+    return in_memory_format(clamp_to(x0 + eps * g.sign(), clamp).detach(), passes.memory_format)
 
 
 def _pgd(op: str, model: nn.Module, x: Tensor, y: Tensor, eps: float, *, steps: int,
          step_size: Optional[float], clamp: Clamp, start, update, loss_fn: Optional[LossFn],
-         eval_mode: bool) -> Tensor:
+         eval_mode: bool, output: OutputSpec) -> Tensor:
     """The PGD loop shared by the L2 and L-inf attacks: ``start(x0, eps)`` draws a
     random start (``None``: start at ``x``), ``update(x_adv, g, x0, eps, step)``
     takes one projected step; the data-range clip follows each."""
     eps = _prepare(op, x, y, eps)
     clamp = check_clamp(op, clamp)
-    steps, step_size = _check_steps(op, steps, step_size, eps)
+    steps, step_size = _check_steps(op, steps, step_size, eps, x.dtype)
     if eps == 0:
         return x.detach().clone()
-    loss_fn = resolve_loss_fn(loss_fn)
+    loss_fn = resolve_loss_fn(loss_fn, op)
     x0 = x.detach()
     x_adv = clamp_to(start(x0, eps), clamp) if start is not None else x0.clone()
-    with model_mode(model, eval_mode), torch.enable_grad(), ExtraPasses(model, x0) as passes:
+    with model_mode(model, eval_mode), torch.enable_grad(), ExtraPasses(model, x0, output=output, op=op) as passes:
         for _ in range(steps):
             g = _input_grad(passes, x_adv, y, loss_fn)
             with torch.no_grad():
                 x_adv = clamp_to(update(x_adv, g, x0, eps, step_size), clamp)
-    return x_adv.detach()
+    return in_memory_format(x_adv.detach(), passes.memory_format)
 
 
 def pgd_l2(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, steps: int = 10,
            step_size: Optional[float] = None, clamp: Clamp = (0.0, 1.0), random_start: bool = False,
            loss_fn: Optional[LossFn] = None, eval_mode: bool = True,
-           generator: Optional[torch.Generator] = None) -> Tensor:
+           generator: Optional[torch.Generator] = None, output: OutputSpec = None) -> Tensor:
     """Projected gradient descent on the loss in the L2 ball (Madry et al. 2018).
 
     Start at ``x`` (or, with ``random_start``, at a point drawn uniformly in the
@@ -204,13 +196,14 @@ def pgd_l2(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, steps: int = 1
         return _project_l2(ops.normalized_step(x_adv, g, step), x0, eps)
 
     return _pgd("pgd_l2", model, x, y, eps, steps=steps, step_size=step_size, clamp=clamp,
-                start=start if random_start else None, update=update, loss_fn=loss_fn, eval_mode=eval_mode)
+                start=start if random_start else None, update=update, loss_fn=loss_fn, eval_mode=eval_mode,
+                output=output)
 
 
 def pgd_linf(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, steps: int = 10,
              step_size: Optional[float] = None, clamp: Clamp = (0.0, 1.0), random_start: bool = False,
              loss_fn: Optional[LossFn] = None, eval_mode: bool = True,
-             generator: Optional[torch.Generator] = None) -> Tensor:
+             generator: Optional[torch.Generator] = None, output: OutputSpec = None) -> Tensor:
     """Projected gradient descent on the loss in the L-inf ball (Madry et al. 2018).
 
     Start at ``x`` (or, with ``random_start``, at ``x + U[-eps, eps]`` per
@@ -232,4 +225,5 @@ def pgd_linf(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, steps: int =
         return _project_linf(x_adv + step * g.sign(), x0, eps)
 
     return _pgd("pgd_linf", model, x, y, eps, steps=steps, step_size=step_size, clamp=clamp,
-                start=start if random_start else None, update=update, loss_fn=loss_fn, eval_mode=eval_mode)
+                start=start if random_start else None, update=update, loss_fn=loss_fn, eval_mode=eval_mode,
+                output=output)

@@ -19,15 +19,16 @@ masks, no weight-gradient work).
 """
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .passes import ExtraPasses, LossFn, RngState, unwrap_model
+from .checks import (check_batch, check_choice, check_clamp, check_positive, check_trainable,  # noqa: F401
+                     resolve_loss_fn)
+from .outputs import OutputSpec
+from .passes import ExtraPasses, LossFn, RngState, has_active_dropout, in_memory_format, unwrap_model
 
 __all__ = ["default_xi", "x_max", "energy_reg"]
 
@@ -56,61 +57,19 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_positive(op: str, name: str, value: float) -> float:
-    """``value`` as a float, or a ValueError naming ``op`` if it is not finite and > 0."""
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"ater_ext.{op}: {name} must be finite and > 0, got {value}")
-    return value
-
-
-def check_choice(op: str, name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"ater_ext.{op}: {name} must be one of {list(choices)}, got {value!r}")
-
-
-def check_batch(op: str, x: Tensor, y: Optional[Tensor] = None, grad_x: Optional[Tensor] = None) -> None:
-    """x is a [B, ...] floating batch; y and grad_x match it."""
-    if not isinstance(x, Tensor) or x.dim() < 1 or not x.is_floating_point():
-        raise ValueError(f"ater_ext.{op}: x must be a floating [B, ...] tensor, got "
-                         f"{type(x).__name__} {getattr(x, 'dtype', '')} {list(getattr(x, 'shape', []))}")
-    if y is not None and (y.dim() < 1 or y.shape[0] != x.shape[0]):
-        raise ValueError(f"ater_ext.{op}: x and y must have the same batch size, got x {list(x.shape)} "
-                         f"and y {list(y.shape)}")
-    if grad_x is not None and grad_x.shape != x.shape:
-        raise ValueError(f"ater_ext.{op}: grad_x must have x's shape, got grad_x {list(grad_x.shape)} "
-                         f"and x {list(x.shape)}")
-
-
-def check_clamp(op: str, clamp) -> Optional[Tuple[float, float]]:
-    if clamp is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in clamp)
-    except (TypeError, ValueError):
-        raise ValueError(f"ater_ext.{op}: clamp must be a pair (lo, hi), got {clamp!r}") from None
-    if not lo < hi:
-        raise ValueError(f"ater_ext.{op}: clamp needs lo < hi, got {clamp!r}")
-    return lo, hi
-
-
-def check_trainable(op: str, model: nn.Module) -> None:
-    """The penalty is differentiable w.r.t. the parameters: grad mode on, some parameter trainable."""
-    if not torch.is_grad_enabled():
-        raise RuntimeError(f"ater_ext.{op}: gradients are disabled (torch.no_grad() or inference_mode), "
-                           f"but the penalty must be differentiable with respect to the parameters; "
-                           f"call it with grad enabled (use ater_ext.x_max to only find x_max)")
-    if not any(p.requires_grad for p in model.parameters()):
-        raise RuntimeError(f"ater_ext.{op}: the model has no parameter that requires grad, so the penalty "
-                           f"cannot train anything")
-
-
 def clamp_to(t: Tensor, clamp: Optional[Tuple[float, float]]) -> Tensor:
     return t if clamp is None else t.clamp(clamp[0], clamp[1])
 
 
-def resolve_loss_fn(loss_fn: Optional[LossFn]) -> LossFn:
-    return F.cross_entropy if loss_fn is None else loss_fn
+def check_rng_for_grad_x(op: str, model: nn.Module, grad_x: Optional[Tensor], rng_state: Optional[RngState]
+                         ) -> None:
+    """``grad_x`` of a model with active dropout needs the state its forward drew the masks from."""
+    if grad_x is not None and rng_state is None and has_active_dropout(unwrap_model(model)):
+        raise ValueError(
+            f"ater_ext.{op}: grad_x= was given for a model with active dropout but rng_state= was not, so the "
+            f"extra passes would draw other dropout masks than the forward that gave grad_x (the direction "
+            f"g2 - g would then measure the mask change); capture rng_state = ater_ext.capture_rng_state(x.device) "
+            f"just before that forward and pass rng_state=rng_state (or drop grad_x=)")
 
 
 # ------------------------------------------------------------------ the steps
@@ -193,60 +152,93 @@ def grad_scale_of(scaler) -> float:
 
 
 # ---------------------------------------------------------------- public API
+def check_energy_settings(op: str, *, eps: float, xi: Optional[float], direction: str, clamp,
+                          dtype: Optional[torch.dtype] = None, fd_h: Optional[float] = None,
+                          penalty: Optional[str] = None, reduction: Optional[str] = None) -> dict:
+    """The settings of ``x_max`` / ``energy_reg`` checked (``dtype``: the inputs', for
+    the range checks and ``xi=None``); returns them normalised, as keywords."""
+    settings = {"eps": check_positive(op, "eps", eps, dtype), "direction": direction,
+                "clamp": check_clamp(op, clamp)}
+    if xi is not None or dtype is not None:
+        settings["xi"] = check_positive(op, "xi", default_xi(dtype) if xi is None else xi, dtype)
+    else:
+        settings["xi"] = None
+    check_choice(op, "direction", direction, DIRECTIONS)
+    if fd_h is not None:
+        settings["fd_h"] = check_positive(op, "fd_h", fd_h, dtype)
+    if penalty is not None:
+        check_choice(op, "penalty", penalty, PENALTIES)
+        settings["penalty"] = penalty
+    if reduction is not None:
+        check_choice(op, "reduction", reduction, REDUCTIONS)
+        settings["reduction"] = reduction
+    return settings
+
+
 def x_max(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, xi: Optional[float] = None,
           loss_fn: Optional[LossFn] = None, grad_x: Optional[Tensor] = None, direction: str = "fd",
           clamp: Optional[Tuple[float, float]] = None, rng_state: Optional[RngState] = None,
-          compile: Union[bool, str] = False) -> Tensor:
+          compile: Union[bool, str] = False, output: OutputSpec = None) -> Tensor:
     """The point of ``B(x, eps)`` where the input-gradient norm grows fastest (Eq. 15).
 
     ``x_max = x + eps * normalize(g2 - g)`` with ``g = grad_x sum_i L(x_i, y_i)``
     and ``g2`` the same gradient at the probe ``x + xi * normalize(g)``
     (``direction="fd"``, two passes, one fused launch each), or
     ``x + eps * normalize(H(x) normalize(g))`` with the exact Hessian-vector
-    product (``direction="hvp"``). Detached: a constant for the parameter update.
+    product (``direction="hvp"``). Detached: a constant for the parameter update,
+    in ``x``'s dtype and memory format (channels_last stays channels_last).
 
     Args:
-        model: any ``nn.Module`` mapping ``x`` to logits (a DDP wrapper is unwrapped).
+        model: any ``nn.Module`` (a DDP wrapper is unwrapped) whose output holds the logits.
         x, y: the batch ``[B, ...]`` and its labels ``[B]`` (whatever ``loss_fn`` takes).
-        eps: radius of the ball, > 0.
+        eps: radius of the ball, > 0 (and inside ``x``'s dtype range).
         xi: probe distance, > 0; ``None`` picks by dtype (:func:`default_xi`).
-        loss_fn: ``loss_fn(logits, y, reduction=...)`` like ``F.cross_entropy`` (the default).
+        loss_fn: ``loss_fn(logits, y, reduction=...)`` like ``F.cross_entropy`` (the default),
+            or a ``torch.nn`` loss module; ``reduction="none"`` must give ``[B]``.
         grad_x: the clean input gradient ``grad_x sum_i L(x_i, y_i)`` when the
-            caller already has it (skips pass 1).
+            caller already has it (skips pass 1); ``x``'s shape, dtype and device.
         direction: ``"fd"`` (finite difference) or ``"hvp"`` (exact).
         clamp: optional ``(lo, hi)`` data range for the probe and ``x_max``.
         rng_state: RNG state of the clean forward that produced ``grad_x``
-            (:func:`ater_ext.capture_rng_state`), so that pass 2 sees its dropout masks.
+            (:func:`ater_ext.capture_rng_state`), so that pass 2 sees its dropout
+            masks. Required with ``grad_x`` when the model has active dropout
+            layers (a ``ValueError`` says so); pass
+            ``rng_state=ater_ext.capture_rng_state(x.device)`` taken now to ask
+            for fresh masks explicitly.
         compile: run the first-order passes through ``torch.compile`` (``True``
             or a torch.compile mode, e.g. ``"reduce-overhead"`` for CUDA graphs);
             models with active dropout keep eager passes.
+        output: where the logits are in the model's output: a key, an index or
+            a callable (:func:`ater_ext.outputs.resolve_output`); ``None``: the
+            output is the logits.
 
-    BatchNorm buffers, ``.grad`` and the train/eval mode are left untouched.
+    BatchNorm buffers, ``.grad``, the train/eval mode and the global RNG state
+    are left untouched when ``rng_state`` is given; without it the passes
+    advance the global RNG as one forward would.
     """
     op = "x_max"
     check_batch(op, x, y, grad_x)
-    eps = check_positive(op, "eps", eps)
-    xi = check_positive(op, "xi", default_xi(x.dtype) if xi is None else xi)
-    check_choice(op, "direction", direction, DIRECTIONS)
-    clamp = check_clamp(op, clamp)
-    with torch.enable_grad(), ExtraPasses(model, x, rng_state, compile=compile) as passes:
-        result = find_x_max(passes, x, y, eps=eps, xi=xi, loss_fn=resolve_loss_fn(loss_fn), grad_x=grad_x,
-                            direction=direction, clamp=clamp)
-    return result.detach()
+    settings = check_energy_settings(op, eps=eps, xi=xi, direction=direction, clamp=clamp, dtype=x.dtype)
+    check_rng_for_grad_x(op, model, grad_x, rng_state)
+    loss_fn = resolve_loss_fn(loss_fn, op)
+    with torch.enable_grad(), ExtraPasses(model, x, rng_state, compile=compile, output=output, op=op) as passes:
+        result = find_x_max(passes, x, y, loss_fn=loss_fn, grad_x=grad_x, **settings)
+    return in_memory_format(result.detach(), passes.memory_format)
 
 
 def energy_reg(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, xi: Optional[float] = None,
                loss_fn: Optional[LossFn] = None, grad_x: Optional[Tensor] = None, direction: str = "fd",
                penalty: str = "exact", clamp: Optional[Tuple[float, float]] = None, reduction: str = "mean",
                fd_h: float = 1e-2, rng_state: Optional[RngState] = None, scaler=None,
-               compile: Union[bool, str] = False) -> Tensor:
+               compile: Union[bool, str] = False, output: OutputSpec = None) -> Tensor:
     """The energy regulariser ``mean_i ||grad_x L(x_max_i, y_i)||`` (ATER's Eq. 11 second term).
 
     Drop it into any training loop::
 
         loss = F.cross_entropy(model(x), y) + lam * ater_ext.energy_reg(model, x, y)
 
-    ``x_max`` is found as in :func:`x_max` (same arguments). The penalty is
+    ``x_max`` is found as in :func:`x_max` (same arguments, ``output=`` and the
+    ``grad_x`` / ``rng_state`` rule included). The penalty is
     differentiable with respect to the parameters: ``penalty="exact"`` by double
     backpropagation (the paper), ``penalty="fd"`` by the finite difference
     ``(L(x_max + h v) - L(x_max)) / h``, ``v = normalize(grad_x L(x_max))``,
@@ -255,7 +247,9 @@ def energy_reg(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, xi: 
     ``scaler``: the ``torch.amp.GradScaler`` of an fp16 AMP loop; its scale
     multiplies the loss inside the gradient (then divided out, in fp32), as in
     PyTorch's gradient-penalty AMP recipe. ``compile`` as in :func:`x_max`
-    (the penalty's double backward always runs eagerly).
+    (the penalty's double backward always runs eagerly). The result is
+    differentiable again (``backward(create_graph=True)`` gives the exact
+    higher-order gradients).
 
     Only the caller's backward touches ``.grad``; the extra passes compute input
     gradients only, never update BatchNorm buffers, see the same dropout masks,
@@ -263,18 +257,14 @@ def energy_reg(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, xi: 
     """
     op = "energy_reg"
     check_batch(op, x, y, grad_x)
-    eps = check_positive(op, "eps", eps)
-    xi = check_positive(op, "xi", default_xi(x.dtype) if xi is None else xi)
-    fd_h = check_positive(op, "fd_h", fd_h)
-    check_choice(op, "direction", direction, DIRECTIONS)
-    check_choice(op, "penalty", penalty, PENALTIES)
-    check_choice(op, "reduction", reduction, REDUCTIONS)
-    clamp = check_clamp(op, clamp)
+    settings = check_energy_settings(op, eps=eps, xi=xi, direction=direction, clamp=clamp, dtype=x.dtype,
+                                     fd_h=fd_h, penalty=penalty, reduction=reduction)
     check_trainable(op, model)
     _check_compiled(op, model, penalty)
-    loss_fn = resolve_loss_fn(loss_fn)
-    with ExtraPasses(model, x, rng_state, compile=compile) as passes:
-        xm = find_x_max(passes, x, y, eps=eps, xi=xi, loss_fn=loss_fn, grad_x=grad_x, direction=direction,
-                        clamp=clamp)
+    check_rng_for_grad_x(op, model, grad_x, rng_state)
+    loss_fn = resolve_loss_fn(loss_fn, op)
+    fd_h, penalty, reduction = settings.pop("fd_h"), settings.pop("penalty"), settings.pop("reduction")
+    with ExtraPasses(model, x, rng_state, compile=compile, output=output, op=op) as passes:
+        xm = find_x_max(passes, x, y, loss_fn=loss_fn, grad_x=grad_x, **settings)
         return penalty_value(passes, xm, y, loss_fn, kind=penalty, fd_h=fd_h, reduction=reduction,
                              grad_scale=grad_scale_of(scaler))

@@ -4,7 +4,8 @@
 gradients as soon as the term exists, so its graph is freed at once instead of
 living through the penalty's double backward; the loss they return carries
 those gradients and hands them to the parameters in the caller's ordinary
-``backward()`` (once: it is not twice differentiable).
+``backward()`` (once: it is not twice differentiable, and a backward with
+``create_graph=True`` raises, naming ``bank_gradients=False``).
 """
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ class _PrecomputedGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # backward(create_graph=True) / autograd.grad(create_graph=True)
+            raise RuntimeError("ater_ext: at_loss / ater_loss hand over parameter gradients computed early, which "
+                               "are constants: a backward with create_graph=True through them would give wrong "
+                               "higher-order gradients; pass bank_gradients=False for a loss with plain graphs "
+                               "(twice differentiable)")
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             raise RuntimeError("ater_ext: the clean and adversarial loss terms of at_loss / ater_loss carry "

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from . import ops
 from .attacks import model_mode
-from .energy import check_batch, check_choice, check_positive, resolve_loss_fn
+from .checks import check_batch, check_choice, check_positive, resolve_loss_fn
+from .outputs import OutputSpec
 from .passes import ExtraPasses, LossFn
 
 __all__ = ["energy"]
@@ -44,7 +45,7 @@ def _private_generator(device: torch.device) -> torch.Generator:
 
 def energy(model: nn.Module, x: Tensor, y: Tensor, eps: float, n_samples: int = 32, *,
            loss_fn: Optional[LossFn] = None, reduction: str = "mean", generator: Optional[torch.Generator] = None,
-           eval_mode: bool = True) -> Dict[str, Tensor]:
+           eval_mode: bool = True, output: OutputSpec = None) -> Dict[str, Tensor]:
     """Monte-Carlo ``E_B / Vol(B)`` and ``E_eps`` of the loss around each sample.
 
     Args:
@@ -59,6 +60,8 @@ def energy(model: nn.Module, x: Tensor, y: Tensor, eps: float, n_samples: int = 
         eval_mode: run the model in eval mode (restored afterwards), so that
             BatchNorm uses its running statistics and the samples of a batch do
             not interact.
+        output: where the logits are in the model's output (a key, an index or a
+            callable; ``None``: it is the logits).
 
     Returns:
         ``{"E_B": ..., "E_eps": ...}``: detached tensors in fp32 (fp64 for fp64
@@ -75,12 +78,12 @@ def energy(model: nn.Module, x: Tensor, y: Tensor, eps: float, n_samples: int = 
     """
     op = "energy"
     check_batch(op, x, y)
-    eps = check_positive(op, "eps", eps)
+    eps = check_positive(op, "eps", eps, x.dtype)
     if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
         raise ValueError(f"ater_ext.{op}: n_samples must be an integer >= 1, got {n_samples!r}")
     n_samples = int(n_samples)
     check_choice(op, "reduction", reduction, REDUCTIONS)
-    loss_fn = resolve_loss_fn(loss_fn)
+    loss_fn = resolve_loss_fn(loss_fn, op)
 
     x0 = x.detach()
     acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
@@ -98,7 +101,7 @@ def energy(model: nn.Module, x: Tensor, y: Tensor, eps: float, n_samples: int = 
 
     sum_ball = torch.zeros(batch, dtype=acc, device=x0.device)
     sum_ray = torch.zeros(batch, dtype=acc, device=x0.device)
-    with model_mode(model, eval_mode), torch.enable_grad(), ExtraPasses(model, x0) as passes:
+    with model_mode(model, eval_mode), torch.enable_grad(), ExtraPasses(model, x0, output=output, op=op) as passes:
         for _ in range(n_samples):
             # E_B / Vol: a uniform point of the ball, radius eps * U^(1/D).
             r_ball = (eps * radius_u().pow(1.0 / dim)).to(x0.dtype).reshape(view)

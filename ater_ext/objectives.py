@@ -16,10 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .checks import check_clamp, check_grad_mode, check_lam
 from .energy import (accumulation_dtype, check_batch, check_positive, check_trainable, clamp_to, default_xi,
                      fd_x_max, grad_scale_of, penalty_value, resolve_loss_fn)
 from .gradient_bank import GradientBank, banked_term, owned_gradients
-from .passes import ExtraPasses, LossFn, capture_rng_state, is_capturing
+from .outputs import OutputSpec, resolve_output
+from .passes import ExtraPasses, LossFn, is_capturing
+from .randomness import RandomTape
 
 __all__ = ["erm_loss", "at_loss", "vat_loss", "ater_loss", "vater_loss"]
 
@@ -37,23 +40,32 @@ def detached_stats(**terms: Tensor) -> Stats:
 
 class _CleanForward:
     """The clean forward (the only pass that updates BatchNorm statistics), with
-    ``x`` as a leaf so that pass 1's input gradient can come from its graph."""
+    ``x`` as a leaf so that pass 1's input gradient can come from its graph. Its
+    random draws (dropout masks) are recorded on the passes' tape, so that every
+    extra pass replays them."""
 
-    def __init__(self, model: nn.Module, x: Tensor):
-        self.rng_state = capture_rng_state(x.device)  # the masks pass 2 must reuse
+    def __init__(self, op: str, model: nn.Module, x: Tensor, output: OutputSpec):
+        check_grad_mode(op, x)
         self.model = model
+        self.tape = RandomTape()
         self.x_leaf = x.detach().requires_grad_(True)
-        self.logits = model(self.x_leaf)
+        with self.tape.run():
+            raw = model(self.x_leaf)
+        self.logits = resolve_output(output, op=op)(raw)
+
+    def passes(self, x: Tensor, **kwargs) -> ExtraPasses:
+        """The extra passes, replaying this forward's random draws."""
+        return ExtraPasses(self.model, x, tape=self.tape, **kwargs)
 
     def input_grad_and_bank(self, passes: ExtraPasses, per_sample_loss: Tensor, y: Tensor,
-                            loss_fn: LossFn) -> Tuple[Tensor, Optional[GradientBank]]:
+                            loss_fn: LossFn, bank: bool = True) -> Tuple[Tensor, Optional[GradientBank]]:
         """``(g, bank)`` with ``g = grad_x sum_i L(x_i, y_i)``, traversing the clean
         graph once: one backward gives ``g`` and the parameter gradients of the
         mean loss, which start the bank (the clean graph is freed here, and no
         gradient is computed for ``x``). Under autocast (GradScaler must scale the
-        low-precision backward) ``g`` comes from an fp32 pass and the bank is None:
-        the terms then keep their graphs for the caller's backward."""
-        if passes.work_dtype is not None:
+        low-precision backward) ``g`` comes from an fp32 pass and the bank is None,
+        as with ``bank=False``: the terms then keep their graphs for the caller's backward."""
+        if passes.work_dtype is not None or not bank:
             return self.input_grad(passes, per_sample_loss, y, loss_fn), None
         params = [p for p in self.model.parameters() if p.requires_grad]
         # g in the list too: x + p as the first op gives p the same gradient tensor as x
@@ -97,34 +109,50 @@ def _vat_term(passes: ExtraPasses, x: Tensor, clean_logits: Tensor, d: Tensor, *
     return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
 
-def erm_loss(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: Optional[LossFn] = None) -> Tuple[Tensor, Stats]:
-    """Empirical risk: ``L(x)``."""
-    check_batch("erm_loss", x, y)
-    loss = resolve_loss_fn(loss_fn)(model(x), y)
+def check_ip(op: str, ip: int) -> int:
+    if isinstance(ip, bool) or int(ip) != ip or ip < 1:
+        raise ValueError(f"ater_ext.{op}: ip (power iterations) must be an integer >= 1, got {ip!r}")
+    return int(ip)
+
+
+def erm_loss(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: Optional[LossFn] = None,
+             output: OutputSpec = None) -> Tuple[Tensor, Stats]:
+    """Empirical risk: ``L(x)``. ``output``: where the logits are in the model's
+    output (:func:`ater_ext.outputs.resolve_output`), as in every objective."""
+    op = "erm_loss"
+    check_batch(op, x, y)
+    loss = resolve_loss_fn(loss_fn, op)(resolve_output(output, op=op)(model(x)), y, reduction="mean")
     return loss, detached_stats(loss=loss, ce=loss)
 
 
 def at_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, loss_fn: Optional[LossFn] = None,
-            clamp=None) -> Tuple[Tensor, Stats]:
+            clamp=None, output: OutputSpec = None, bank_gradients: bool = True) -> Tuple[Tensor, Stats]:
     """One-step L2 adversarial training: ``L(x) + L(x_adv)``,
-    ``x_adv = x + eps_adv * normalize(grad_x L(x))`` (a constant)."""
+    ``x_adv = x + eps_adv * normalize(grad_x L(x))`` (a constant).
+
+    ``bank_gradients`` (default): the terms' parameter gradients are computed
+    here and handed over in the caller's one backward (their graphs are freed
+    early); that loss is not twice differentiable, and ``backward(create_graph=True)``
+    through it raises. ``bank_gradients=False`` keeps plain graphs (higher-order
+    gradients, several backwards with ``retain_graph``)."""
     op = "at_loss"
     check_batch(op, x, y)
-    eps_adv = check_positive(op, "eps_adv", eps_adv)
-    loss_fn = resolve_loss_fn(loss_fn)
-    clean = _CleanForward(model, x)
+    eps_adv = check_positive(op, "eps_adv", eps_adv, x.dtype)
+    clamp = check_clamp(op, clamp)
+    loss_fn = resolve_loss_fn(loss_fn, op)
+    clean = _CleanForward(op, model, x, output)
     per_sample = loss_fn(clean.logits, y, reduction="none")
     ce = per_sample.mean()
-    with ExtraPasses(model, x, clean.rng_state) as passes:
-        g, bank = clean.input_grad_and_bank(passes, per_sample, y, loss_fn)
+    with clean.passes(x, output=output, op=op) as passes:
+        g, bank = clean.input_grad_and_bank(passes, per_sample, y, loss_fn, bank_gradients)
         x_adv = clamp_to(ops.normalized_step(x.detach().to(g.dtype), g, eps_adv), clamp).to(x.dtype)
-        adv = banked_term(bank, loss_fn(passes.forward(x_adv, detach_params=False), y))
+        adv = banked_term(bank, loss_fn(passes.forward(x_adv, detach_params=False), y, reduction="mean"))
     loss = ce + adv if bank is None else bank.loss(ce + adv)
     return loss, detached_stats(loss=loss, ce=ce, adv=adv)
 
 
 def vat_loss(model: nn.Module, x: Tensor, *, eps_vat: float = 2.0, xi_vat: Optional[float] = None,
-             ip: int = 1) -> Tuple[Tensor, Stats]:
+             ip: int = 1, output: OutputSpec = None) -> Tuple[Tensor, Stats]:
     """The VAT term alone: ``KL(p(x) || p(x + r_vat))`` with ``p(x)`` detached and
     ``r_vat = eps_vat * normalize(d)``, ``d`` from ``ip`` power iterations of
     ``grad_r KL(p(x) || p(x + r))`` at ``r = xi_vat * normalize(d)``, starting from
@@ -132,47 +160,50 @@ def vat_loss(model: nn.Module, x: Tensor, *, eps_vat: float = 2.0, xi_vat: Optio
     from an extra pass, so BatchNorm buffers are not updated."""
     op = "vat_loss"
     check_batch(op, x)
-    eps_vat = check_positive(op, "eps_vat", eps_vat)
-    xi_vat = check_positive(op, "xi_vat", default_xi(x.dtype) if xi_vat is None else xi_vat)
-    if int(ip) < 1:
-        raise ValueError(f"ater_ext.{op}: ip must be >= 1, got {ip}")
+    eps_vat = check_positive(op, "eps_vat", eps_vat, x.dtype)
+    xi_vat = check_positive(op, "xi_vat", default_xi(x.dtype) if xi_vat is None else xi_vat, x.dtype)
+    ip = check_ip(op, ip)
     d = torch.randn_like(x)
-    with ExtraPasses(model, x) as passes:
+    with ExtraPasses(model, x, output=output, op=op) as passes:
         with torch.no_grad():
             clean_logits = passes.forward(x.detach(), detach_params=True)
-        vat = _vat_term(passes, x, clean_logits, d, eps_vat=eps_vat, xi_vat=xi_vat, ip=int(ip))
+        vat = _vat_term(passes, x, clean_logits, d, eps_vat=eps_vat, xi_vat=xi_vat, ip=ip)
     return vat, detached_stats(loss=vat, vat=vat)
 
 
 def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, eps: float = 2.0,
               lam: float = 0.1, xi: Optional[float] = None, loss_fn: Optional[LossFn] = None,
-              clamp=None, scaler=None, compile: Union[bool, str] = False) -> Tuple[Tensor, Stats]:
+              clamp=None, scaler=None, compile: Union[bool, str] = False, output: OutputSpec = None,
+              bank_gradients: bool = True) -> Tuple[Tensor, Stats]:
     """ATER, Eq. 11 / Algorithm 1: ``L(x) + L(x_adv) + lam * energy_reg``.
 
     One clean forward; its graph gives the pass-1 gradient ``g`` (no separate
     forward), from which one fused launch makes both ``x_adv = x + eps_adv *
     normalize(g)`` and the probe ``x + xi * normalize(g)``; pass 2 at the probe
     and one fused launch give ``x_max`` (Eq. 15); the penalty is
-    ``mean_i ||grad_x L(x_max_i)||`` by double backpropagation. ``scaler``: the
-    GradScaler of an fp16 AMP loop (see :func:`ater_ext.energy_reg`). ``compile``:
-    run pass 2 through ``torch.compile`` (see :func:`ater_ext.x_max`).
+    ``mean_i ||grad_x L(x_max_i)||`` by double backpropagation. ``lam`` >= 0.
+    ``scaler``: the GradScaler of an fp16 AMP loop (see :func:`ater_ext.energy_reg`).
+    ``compile``: run pass 2 through ``torch.compile`` (see :func:`ater_ext.x_max`).
+    ``output``: where the logits are in the model's output. ``bank_gradients``
+    as in :func:`at_loss` (``False`` for a twice-differentiable loss).
     """
     op = "ater_loss"
     check_batch(op, x, y)
-    eps_adv = check_positive(op, "eps_adv", eps_adv)
-    eps = check_positive(op, "eps", eps)
-    lam = float(lam)
-    xi = check_positive(op, "xi", default_xi(x.dtype) if xi is None else xi)
+    eps_adv = check_positive(op, "eps_adv", eps_adv, x.dtype)
+    eps = check_positive(op, "eps", eps, x.dtype)
+    lam = check_lam(op, lam)
+    xi = check_positive(op, "xi", default_xi(x.dtype) if xi is None else xi, x.dtype)
+    clamp = check_clamp(op, clamp)
     check_trainable(op, model)
-    loss_fn = resolve_loss_fn(loss_fn)
-    clean = _CleanForward(model, x)
+    loss_fn = resolve_loss_fn(loss_fn, op)
+    clean = _CleanForward(op, model, x, output)
     per_sample = loss_fn(clean.logits, y, reduction="none")
     ce = per_sample.mean()
-    with ExtraPasses(model, x, clean.rng_state, compile=compile) as passes:
-        g, bank = clean.input_grad_and_bank(passes, per_sample, y, loss_fn)
+    with clean.passes(x, compile=compile, output=output, op=op) as passes:
+        g, bank = clean.input_grad_and_bank(passes, per_sample, y, loss_fn, bank_gradients)
         x_adv, probe = ops.dual_normalized_step(x.detach().to(g.dtype), g, eps_adv, xi)
-        adv = banked_term(bank, loss_fn(passes.forward(clamp_to(x_adv, clamp).to(x.dtype),
-                                                             detach_params=False), y))
+        adv = banked_term(bank, loss_fn(passes.forward(clamp_to(x_adv, clamp).to(x.dtype), detach_params=False),
+                                        y, reduction="mean"))
         energy = _energy_from_grad(passes, x, y, g, clamp_to(probe, clamp), loss_fn, eps, clamp, scaler)
     # The penalty's gradients are not banked: autograd.grad would skip the input
     # gradient at x_max (one first-layer matmul, ~3 % of an MLP step) but holds
@@ -187,7 +218,8 @@ def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, e
 def vater_loss(model: nn.Module, x_l: Tensor, y_l: Tensor, x_ul: Tensor, *, eps_vat: float = 2.0,
                eps: float = 2.0, lam: float = 0.1, xi: Optional[float] = None, ip: int = 1,
                xi_vat: Optional[float] = None, loss_fn: Optional[LossFn] = None,
-               clamp=None, scaler=None, compile: Union[bool, str] = False) -> Tuple[Tensor, Stats]:
+               clamp=None, scaler=None, compile: Union[bool, str] = False,
+               output: OutputSpec = None) -> Tuple[Tensor, Stats]:
     """VATER, Eq. 12 / Algorithm 2 (semi-supervised):
     ``L(x_l) + VAT(x_l ∪ x_ul) + lam * energy_reg(x_l ∪ x_ul)``.
 
@@ -196,8 +228,9 @@ def vater_loss(model: nn.Module, x_l: Tensor, y_l: Tensor, x_ul: Tensor, *, eps_
     pseudo-label ``argmax p(x)`` at the clean input, detached, for the energy
     term (the paper's ``grad_x f`` is undefined for a vector output; a soft
     self-target would have zero gradient at ``x``). VAT's start direction is
-    ``randn_like(x)``, this function's first random draw. ``scaler`` and
-    ``compile`` as in :func:`ater_loss`.
+    ``randn_like(x)``, this function's first random draw. ``scaler``,
+    ``compile`` and ``output`` as in :func:`ater_loss`. The loss is twice
+    differentiable (no banked gradients).
     """
     op = "vater_loss"
     check_batch(op, x_l, y_l)
@@ -206,23 +239,23 @@ def vater_loss(model: nn.Module, x_l: Tensor, y_l: Tensor, x_ul: Tensor, *, eps_
         raise ValueError(f"ater_ext.{op}: x_l and x_ul must share sample shape, dtype and device, got "
                          f"x_l {list(x_l.shape)} {x_l.dtype} {x_l.device} and "
                          f"x_ul {list(x_ul.shape)} {x_ul.dtype} {x_ul.device}")
-    eps_vat = check_positive(op, "eps_vat", eps_vat)
-    eps = check_positive(op, "eps", eps)
-    xi = check_positive(op, "xi", default_xi(x_l.dtype) if xi is None else xi)
-    xi_vat = check_positive(op, "xi_vat", default_xi(x_l.dtype) if xi_vat is None else xi_vat)
-    if int(ip) < 1:
-        raise ValueError(f"ater_ext.{op}: ip must be >= 1, got {ip}")
-    lam = float(lam)
+    eps_vat = check_positive(op, "eps_vat", eps_vat, x_l.dtype)
+    eps = check_positive(op, "eps", eps, x_l.dtype)
+    xi = check_positive(op, "xi", default_xi(x_l.dtype) if xi is None else xi, x_l.dtype)
+    xi_vat = check_positive(op, "xi_vat", default_xi(x_l.dtype) if xi_vat is None else xi_vat, x_l.dtype)
+    ip = check_ip(op, ip)
+    lam = check_lam(op, lam)
+    clamp = check_clamp(op, clamp)
     check_trainable(op, model)
-    loss_fn = resolve_loss_fn(loss_fn)
+    loss_fn = resolve_loss_fn(loss_fn, op)
     n_l = x_l.shape[0]
     x = torch.cat([x_l, x_ul])
     d = torch.randn_like(x)
-    clean = _CleanForward(model, x)
+    clean = _CleanForward(op, model, x, output)
     y = torch.cat([y_l, clean.logits[n_l:].detach().argmax(dim=1).to(y_l.dtype)])
     per_sample = loss_fn(clean.logits, y, reduction="none")
-    with ExtraPasses(model, x, clean.rng_state, compile=compile) as passes:
-        vat = _vat_term(passes, x, clean.logits, d, eps_vat=eps_vat, xi_vat=xi_vat, ip=int(ip))
+    with clean.passes(x, compile=compile, output=output, op=op) as passes:
+        vat = _vat_term(passes, x, clean.logits, d, eps_vat=eps_vat, xi_vat=xi_vat, ip=ip)
         g = clean.input_grad(passes, per_sample, y, loss_fn)
         probe = clamp_to(ops.normalized_step(x.detach().to(g.dtype), g, xi), clamp)
         energy = _energy_from_grad(passes, x, y, g, probe, loss_fn, eps, clamp, scaler)

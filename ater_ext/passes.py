@@ -9,8 +9,13 @@ Every pass that is not the caller's clean forward goes through
   statistics either way), other buffers scratch copies, so BatchNorm running
   statistics and ``num_batches_tracked`` are never written and nothing is
   restored in place (which would break autograd's version counters);
-* starts every pass from the same RNG state, so dropout masks match between
-  the clean gradient (pass 1), the probe gradient (pass 2) and the penalty;
+* replays the first pass's random draws in every later pass (a thread-local
+  :class:`ater_ext.randomness.RandomTape`; the global RNG is never set), so
+  dropout masks match between the clean gradient (pass 1), the probe gradient
+  (pass 2) and the penalty;
+* maps the model's output to logits (``output=``, :func:`ater_ext.outputs.resolve_output`)
+  and feeds every pass in the clean batch's memory format (channels_last stays
+  channels_last);
 * gives the input-gradient passes detached parameters: they build no graph to
   the weights and compute no weight gradients, and ``.grad`` is never touched;
 * runs on the module inside a ``DistributedDataParallel`` / ``DataParallel``
@@ -26,13 +31,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .checks import check_grad_mode
+from .outputs import OutputSpec, resolve_output
+from .randomness import RandomTape, RngState, capture_rng_state, restore_rng_state
+
 __all__ = ["RngState", "capture_rng_state", "restore_rng_state", "unwrap_model", "is_capturing",
-           "has_active_dropout", "ExtraPasses"]
+           "has_active_dropout", "memory_format_of", "in_memory_format", "ExtraPasses"]
 
 LossFn = Callable[..., Tensor]
-
-# (CPU generator state, (cuda device index, its generator state) or None)
-RngState = Tuple[Tensor, Optional[Tuple[int, Tensor]]]
 
 
 def is_capturing(device: torch.device) -> bool:
@@ -40,26 +46,17 @@ def is_capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def capture_rng_state(device: torch.device) -> RngState:
-    """The RNG state that a forward on ``device`` draws its dropout masks from.
-
-    Capture it before a clean forward and pass it as ``rng_state=`` to
-    :func:`ater_ext.energy_reg` so that the extra passes reuse that forward's masks.
-    While a CUDA graph is being captured the CUDA generator cannot be read, so
-    only the CPU state is kept (:class:`ExtraPasses` then refuses active dropout).
-    """
-    cuda_state = None
-    if device.type == "cuda" and not is_capturing(device):
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        cuda_state = (index, torch.cuda.get_rng_state(index))
-    return torch.get_rng_state(), cuda_state
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """``channels_last`` / ``channels_last_3d`` for a batch stored that way, else ``contiguous_format``."""
+    for dim, fmt in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if x.dim() == dim and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
 
 
-def restore_rng_state(state: RngState) -> None:
-    cpu_state, cuda_state = state
-    torch.set_rng_state(cpu_state)
-    if cuda_state is not None:
-        torch.cuda.set_rng_state(cuda_state[1], cuda_state[0])
+def in_memory_format(t: Tensor, fmt: torch.memory_format) -> Tensor:
+    """``t`` stored in ``fmt`` (the fused ops return contiguous tensors; the caller's format is kept)."""
+    return t if fmt == torch.contiguous_format else t.contiguous(memory_format=fmt)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -111,9 +108,9 @@ def _check_capturable(module: nn.Module, compile_mode: Optional[str]) -> None:
     """Refuses what cannot run inside a CUDA graph capture, with the way out."""
     if has_active_dropout(module):
         raise RuntimeError(
-            "ater_ext: the extra passes reuse the clean forward's dropout masks by restoring the CUDA RNG "
-            "state, which cannot be read while a CUDA graph is captured; capture only models without "
-            "active dropout (or run this step eagerly)")
+            "ater_ext: the extra passes replay the clean forward's dropout masks (recorded as the forward "
+            "runs), which is not supported inside a CUDA graph capture; capture only models without active "
+            "dropout (or run this step eagerly)")
     if _MODE_OPTIONS.get(compile_mode, {}).get("triton.cudagraphs", False):
         raise RuntimeError(
             f"ater_ext: compile={compile_mode!r} records CUDA graphs of its own, which cannot be nested "
@@ -149,13 +146,14 @@ _MODE_OPTIONS = {
 _COMPILED: Dict[Tuple[LossFn, str], Callable] = {}
 
 
-def _input_grad_graph(module: nn.Module, loss_fn: LossFn, params, buffers, x: Tensor, y: Tensor) -> Tensor:
+def _input_grad_graph(module: nn.Module, loss_fn: LossFn, logits_of: Callable, params, buffers, x: Tensor,
+                      y: Tensor) -> Tensor:
     def summed_loss(x_, bufs):
-        return loss_fn(functional_call(module, {**params, **bufs}, (x_,)), y, reduction="sum")
+        return loss_fn(logits_of(functional_call(module, {**params, **bufs}, (x_,))), y, reduction="sum")
     return torch.func.grad(summed_loss)(x, buffers)
 
 
-def compiled_input_grad(loss_fn: LossFn, mode: str) -> Callable:
+def compiled_input_grad(loss_fn: LossFn, mode: str, output: OutputSpec = None) -> Callable:
     """``(module, params, buffers, x, y) -> grad_x sum_i L(x_i, y_i)`` compiled as one graph.
 
     Built with ``torch.func.grad`` over ``functional_call`` (dynamo traces it
@@ -164,12 +162,14 @@ def compiled_input_grad(loss_fn: LossFn, mode: str) -> Callable:
     ``fallback_random`` keeps eager PyTorch's random streams, so dropout masks
     match the eager passes started from the same RNG state. Only first-order
     passes are compiled: double backward through compiled graphs is unsupported.
-    One compiled function per (loss_fn, mode); dynamo specialises it per module.
+    One compiled function per (loss_fn, mode, output); dynamo specialises it per module.
     """
-    key = (loss_fn, mode)
+    key = (loss_fn, mode, output)
     if key not in _COMPILED:
         options = {**_MODE_OPTIONS[mode], "fallback_random": True}
-        _COMPILED[key] = torch.compile(functools.partial(_input_grad_graph, loss_fn=loss_fn), options=options)
+        _COMPILED[key] = torch.compile(functools.partial(_input_grad_graph, loss_fn=loss_fn,
+                                                         logits_of=resolve_output(output, op="compiled pass")),
+                                       options=options)
     return _COMPILED[key]
 
 
@@ -178,43 +178,48 @@ class ExtraPasses:
 
     Args:
         model: the caller's model (possibly DDP-wrapped).
-        x: the clean batch (for its device).
-        rng_state: the state the passes start from; ``None`` captures the
-            current one. On exit the RNG is left as after one forward when the
-            state was captured here (the extra passes consume randomness like one
-            forward), or as at entry when the caller passed the state of a
-            forward it already ran.
+        x: the clean batch (its device, and the memory format every pass is fed in).
+        rng_state: where the first pass draws its random numbers (dropout masks)
+            from: ``None`` for the global generators, as a plain forward (which
+            they then advance like one forward), or the state of a forward the
+            caller already ran (:func:`capture_rng_state`), replayed through
+            private generators (the global RNG is left as it is). Every later
+            pass replays the first pass's draws; see :mod:`ater_ext.randomness`.
         compile: run the first-order input-gradient passes through
             ``torch.compile`` (``True``, or a torch.compile mode such as
             ``"reduce-overhead"`` for CUDA graphs); see :func:`compiled_input_grad`.
-            Models with active dropout layers keep eager passes.
+            Models with active dropout layers, or whose earlier passes drew random
+            numbers, keep eager passes.
+        tape: the :class:`~ater_ext.randomness.RandomTape` to share with a
+            forward run outside (the objectives' clean forward records into it).
+        output: where the logits are in the model's output (:func:`ater_ext.outputs.resolve_output`).
+        op: the calling function's name, for error messages.
     """
 
     def __init__(self, model: nn.Module, x: Tensor, rng_state: Optional[RngState] = None,
-                 compile: Union[bool, str] = False):
+                 compile: Union[bool, str] = False, *, tape: Optional[RandomTape] = None,
+                 output: OutputSpec = None, op: str = "ExtraPasses"):
+        check_grad_mode(op, x)
         self.module = unwrap_model(model)
         # Compiled graphs draw dropout masks of their own, so models with active
         # dropout keep eager passes (the same-masks guarantee comes first).
         mode = check_compile_mode(compile)
         self.compile_mode = None if has_active_dropout(self.module) else mode
         self.device = x.device
+        self.memory_format = memory_format_of(x)
         if is_capturing(self.device):
             _check_capturable(self.module, self.compile_mode)
-        self._given_rng = rng_state is not None
-        self._rng = rng_state if rng_state is not None else capture_rng_state(x.device)
-        self._exit_rng: Optional[RngState] = None
+        self.tape = tape if tape is not None else RandomTape(rng_state)
+        self.output = output
+        self.logits_of = resolve_output(output, op=op)
         self._buffer_plan = _buffer_plan(self.module)
         self._detached_params = {name: p.detach() for name, p in self.module.named_parameters()}
 
     def __enter__(self) -> "ExtraPasses":
-        self._entry_rng = capture_rng_state(self.device)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._given_rng or self._exit_rng is None:
-            restore_rng_state(self._entry_rng)
-        else:
-            restore_rng_state(self._exit_rng)
+        self.tape.entries = []  # the recorded draws are not needed after the evaluation
 
     def _pass_buffers(self) -> Dict[str, Optional[Tensor]]:
         """The buffers one pass sees: see :func:`_buffer_plan`."""
@@ -226,15 +231,13 @@ class ExtraPasses:
         return torch.float32 if torch.is_autocast_enabled(self.device.type) else None
 
     def forward(self, x: Tensor, *, detach_params: bool) -> Tensor:
-        """One forward pass on scratch buffers from the fixed RNG state."""
-        restore_rng_state(self._rng)
+        """One forward pass on scratch buffers, the first pass's random draws replayed: the logits."""
         tensors = self._pass_buffers()
         if detach_params:
             tensors.update(self._detached_params)
-        out = functional_call(self.module, tensors, (x,))
-        if self._exit_rng is None:
-            self._exit_rng = capture_rng_state(self.device)
-        return out
+        with self.tape.run():
+            out = functional_call(self.module, tensors, (in_memory_format(x, self.memory_format),))
+        return self.logits_of(out)
 
     def input_grad(self, x: Tensor, y: Tensor, loss_fn: LossFn, *, create_graph: bool = False
                    ) -> Tuple[Tensor, Tensor]:
@@ -245,7 +248,7 @@ class ExtraPasses:
         """
         work = self.work_dtype
         x_leaf = (x.detach().to(work) if work is not None and x.dtype != work else x.detach())
-        if self.compile_mode is not None and not create_graph:
+        if self.compile_mode is not None and not create_graph and not self.tape.entries:
             return self._compiled_input_grad(x_leaf, y, loss_fn), x_leaf
         x_leaf.requires_grad_(True)
         with torch.enable_grad(), _autocast_disabled(self.device.type):
@@ -254,13 +257,11 @@ class ExtraPasses:
         return g, x_leaf
 
     def _compiled_input_grad(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
-        fn = compiled_input_grad(loss_fn, self.compile_mode)
-        restore_rng_state(self._rng)
+        fn = compiled_input_grad(loss_fn, self.compile_mode, self.output)
         buffers = self._pass_buffers()
         with _autocast_disabled(self.device.type):
-            g = fn(self.module, params=self._detached_params, buffers=buffers, x=x, y=y)
-        if self._exit_rng is None:
-            self._exit_rng = capture_rng_state(self.device)
+            g = fn(self.module, params=self._detached_params, buffers=buffers,
+                   x=in_memory_format(x, self.memory_format), y=y)
         # CUDA-graph modes reuse their output memory on the next replay
         return g.clone() if self.compile_mode != "default" else g
 

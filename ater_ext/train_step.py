@@ -32,7 +32,11 @@ StepLoss = Callable[[nn.Module, Tensor, Tensor], Union[Tensor, Tuple[Tensor, obj
 def _split_output(output: Union[Tensor, Tuple[Tensor, object]]) -> Tuple[Tensor, Optional[dict]]:
     """``(loss, stats)`` of ``loss_fn``'s output: a scalar tensor, or ``(loss, stats)``
     as the objectives return (stats None unless a dict)."""
-    loss, stats = (output[0], output[1] if len(output) > 1 else None) if isinstance(output, tuple) else (output, None)
+    if isinstance(output, (tuple, list)) and not 1 <= len(output) <= 2:
+        raise TypeError(f"ater_ext.TrainStep: loss_fn must return a scalar tensor or (scalar tensor, stats), "
+                        f"got a {type(output).__name__} of length {len(output)}")
+    loss, stats = ((output[0], output[1] if len(output) > 1 else None) if isinstance(output, (tuple, list))
+                   else (output, None))
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         raise TypeError(f"ater_ext.TrainStep: loss_fn must return a scalar tensor or (scalar tensor, stats), "
                         f"got {type(loss).__name__}{list(loss.shape) if isinstance(loss, Tensor) else ''}")
@@ -97,7 +101,8 @@ class TrainStep:
         optimizer: its optimiser; with ``cuda_graph=True`` on CUDA, SGD or one
             constructed with ``capturable=True`` (Adam, AdamW; CUDA parameters only).
         loss_fn: ``(model, x, y) -> loss`` or ``(loss, stats)`` (as the
-            :mod:`ater_ext.objectives` return).
+            :mod:`ater_ext.objectives` return), or a loss module such as
+            :class:`ater_ext.ATERLoss` (its ``last_stats`` become the step's stats).
         cuda_graph: on CUDA, run the first call eagerly on a side stream (it
             initialises the optimiser state and the libraries' handles; it is a
             real step, nothing is repeated), capture the step into a CUDA graph,
@@ -150,6 +155,9 @@ class TrainStep:
 
     def _run_loss(self, x: Tensor, y: Tensor) -> Tensor:
         loss, self._stats = _split_output(self.loss_fn(self.model, x, y))
+        if self._stats is None:  # a loss module (ater_ext.ATERLoss, ...) keeps its stats as last_stats
+            stats = getattr(self.loss_fn, "last_stats", None)
+            self._stats = stats if isinstance(stats, dict) else None
         return loss
 
     def _backward(self, loss: Tensor) -> None:
