@@ -117,7 +117,7 @@ def masking_report(model: nn.Module, x: Tensor, y: Tensor, *, norm: str, eps: fl
                    surrogate: Optional[nn.Module] = None, autoattack: Optional[AutoAttackResult] = None,
                    restarts: int = 5, square_queries: int = 5000, tolerance: Optional[float] = None,
                    zero_tolerance: Optional[float] = None, batch_size: int = 500, seed: int = 0, device=None,
-                   progress: bool = True) -> MaskingReport:
+                   progress: bool = True, output: robustness.OutputSpec = None) -> MaskingReport:
     """The checks of the module docstring for ``model`` on ``(x, y)`` at ``eps``.
 
     ``surrogate``: a model whose PGD examples are transferred (no transfer check
@@ -125,9 +125,12 @@ def masking_report(model: nn.Module, x: Tensor, y: Tensor, *, norm: str, eps: fl
     and radius (its Square stage and warnings are used). Inputs in ``[0, 1]``.
     ``tolerance`` / ``zero_tolerance``: percentage points; by default 2, or
     three points' worth (``300 / N``) when that is more, since one point of
-    ``N`` moves an accuracy by ``100 / N``.
+    ``N`` moves an accuracy by ``100 / N``. ``output``: where the logits are in
+    the model's output (a surrogate must return logits: wrap it with
+    :func:`ater_ext.robustness.logits_model` if it does not).
     """
     start = time.perf_counter()
+    model = robustness.logits_model(model, output, "masking_report")
     norm = robustness.check_norm(norm)
     eps = robustness.check_eps("masking_report", eps)
     default_tolerance = max(2.0, 300.0 / max(1, len(x)))

@@ -23,10 +23,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import attacks
+from .outputs import OutputSpec, resolve_output
 
 __all__ = ["ATTACKS", "NORMS", "check_data_range", "check_logits", "collect", "clean_correct",
            "pgd_robust_mask", "attack_accuracy", "percent",
-           "verified_breaks", "progress_bar", "AutoAttackResult", "autoattack", "perturbation_norms"]
+           "verified_breaks", "progress_bar", "SelectedLogits", "logits_model", "AutoAttackResult", "autoattack", "perturbation_norms"]
 
 Clamp = Tuple[float, float]
 
@@ -38,6 +39,24 @@ ATTACKS: Dict[str, Tuple[Callable, str, bool]] = {
 }
 NORMS = ("l2", "linf")
 AUTOATTACK_NORMS = {"l2": "L2", "linf": "Linf"}
+
+
+class SelectedLogits(nn.Module):
+    """``model`` followed by the ``output=`` resolver: a module that returns the logits tensor."""
+
+    def __init__(self, model: nn.Module, output: OutputSpec, op: str):
+        super().__init__()
+        self.model = model
+        self.output = output
+        self._pick = resolve_output(output, op=op)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._pick(self.model(x))
+
+
+def logits_model(model: nn.Module, output: OutputSpec = None, op: str = "robustness") -> nn.Module:
+    """``model`` itself when it returns logits (``output=None``), else :class:`SelectedLogits`."""
+    return model if output is None else SelectedLogits(model, output, op)
 
 
 # ------------------------------------------------------------------- checks
@@ -76,7 +95,7 @@ def check_logits(op: str, model: nn.Module, x: Tensor, num_classes: Optional[int
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x[:2].shape[0]:
         what = f"{type(out).__name__} {list(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"ater_ext.robustness.{op}: the model must return [B, classes] logits, got {what} for "
-                         f"a batch of {x[:2].shape[0]}")
+                         f"a batch of {x[:2].shape[0]} (output= picks them out of a tuple, dict or ModelOutput)")
     if num_classes is not None and out.shape[1] != num_classes:
         raise ValueError(f"ater_ext.robustness.{op}: the model returns {out.shape[1]} logits per sample, the "
                          f"data has {num_classes} classes")
@@ -146,15 +165,18 @@ def progress_bar(total: int, desc: str, show: bool = True) -> tqdm:
 
 def pgd_robust_mask(model: nn.Module, x: Tensor, y: Tensor, attack: str, eps: float, *, steps: int = 10,
                     step_size: Optional[float] = None, restarts: int = 1, random_start: bool = False,
-                    clamp: Clamp = (0.0, 1.0), batch_size: int = 500, seed: int = 0, device=None) -> Tensor:
+                    clamp: Clamp = (0.0, 1.0), batch_size: int = 500, seed: int = 0, device=None,
+                    output: OutputSpec = None) -> Tensor:
     """``[N]`` bool: points classified correctly at ``x`` and at every restart's adversarial point.
 
     ``restarts`` is the number of attack runs per point; with ``restarts > 1``
     every run starts at a random point of the ball (Madry et al.), with one
     it does when ``random_start``. Random starts come from a private generator
     seeded by ``seed`` (the global RNG is untouched). FGSM has no steps or starts.
-    ``step_size`` defaults to ``2.5 * eps / steps``.
+    ``step_size`` defaults to ``2.5 * eps / steps``. ``output``: where the
+    logits are in the model's output (see :mod:`ater_ext.outputs`).
     """
+    model = logits_model(model, output, "pgd_robust_mask")
     fn, _, iterative = check_attack(attack)
     eps = check_eps("pgd_robust_mask", eps)
     if isinstance(restarts, bool) or int(restarts) != restarts or restarts < 1:
@@ -183,6 +205,7 @@ def pgd_robust_mask(model: nn.Module, x: Tensor, y: Tensor, attack: str, eps: fl
 def attack_accuracy(model: nn.Module, x: Tensor, y: Tensor, attack: str, eps: float, **kwargs) -> float:
     """Robust accuracy (%) under ``attack`` at ``eps``: see :func:`pgd_robust_mask`."""
     if float(eps) == 0:
+        model = logits_model(model, kwargs.get("output"), "attack_accuracy")
         return percent(clean_correct(model, x, y, batch_size=kwargs.get("batch_size", 500),
                                      device=kwargs.get("device")))
     return percent(pgd_robust_mask(model, x, y, attack, eps, **kwargs))
@@ -263,7 +286,7 @@ def _autoattack_logging():
 
 def autoattack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "linf", eps: float, batch_size: int = 250,
                seed: int = 0, device=None, progress: bool = True,
-               square_queries: int = STANDARD_SQUARE_QUERIES) -> AutoAttackResult:
+               square_queries: int = STANDARD_SQUARE_QUERIES, output: OutputSpec = None) -> AutoAttackResult:
     """AutoAttack's standard version (APGD-CE, APGD-T, FAB-T, Square; Croce &
     Hein 2020) through the reference code packaged as ``pyautoattack``.
 
@@ -274,12 +297,13 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "linf", ep
     be in ``[0, 1]`` (AutoAttack clips to it). pyautoattack seeds the global
     RNG; the caller's RNG state is restored afterwards. ``square_queries``
     other than 5000 makes it a custom (weaker) version, recorded as such: for
-    smoke tests only.
+    smoke tests only. ``output``: where the logits are in the model's output.
     """
     from pyautoattack import AutoAttack
     from pyautoattack import checks as aa_checks
 
     op = "autoattack"
+    model = logits_model(model, output, op)
     norm = check_norm(norm)
     eps = check_eps(op, eps)
     if x.dim() != 4:

@@ -95,6 +95,21 @@ def test_factory_model_equals_its_checkpoint(checkpoints, tmp_path, capsys):
     assert fac["attacks"] == ckpt["attacks"]
 
 
+def test_factory_model_with_a_dict_output(checkpoints, tmp_path, capsys):
+    """A model returning {"logits": ...}: refused without --output (naming it), equal to the checkpoint with it."""
+    state = torch.load(checkpoints["erm0"], weights_only=True)["model"]
+    weights = tmp_path / "dict.pt"
+    torch.save({f"net.{k}": v for k, v in state.items()}, weights)
+    argv = ["--model-factory", "_factories:dict_lenet", "--weights", weights, "--dataset", "digits",
+            "--attacks", "pgd-linf", "--linf-eps-list", "0,0.1", "--limit", "60"]
+    rc, _, err = eval_cli([*argv, "--device", "cpu", "--out", tmp_path / "no"], capsys)
+    assert_one_line_error("ater-eval", rc, err, "output=")
+    (fac,), _ = _eval([*argv, "--output", "logits"], tmp_path / "yes", capsys)
+    (ckpt,), _ = _eval(["--checkpoint", checkpoints["erm0"], "--attacks", "pgd-linf", "--linf-eps-list", "0,0.1",
+                        "--limit", "60"], tmp_path / "ckpt", capsys)
+    assert fac["attacks"] == ckpt["attacks"] and fac["output"] == "logits"
+
+
 @pytest.mark.parametrize("argv, needles", [
     (["--model-factory", "ater_ext.models:build_model", "--factory-kwargs", FACTORY_KWARGS], ("--dataset",)),
     (["--model-factory", "ater_ext.models", "--dataset", "digits"], ("package.module:function",)),

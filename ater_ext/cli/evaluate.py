@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="state dict for the factory's model (read with weights_only=True)")
     src.add_argument("--dataset", default=None, help="the factory model's dataset (its test split is used)")
     src.add_argument("--label", default=None, help="the factory model's name in the reports")
+    src.add_argument("--output", default=None, metavar="KEY|INDEX",
+                     help="where the factory model's output holds the logits: a key ({'logits': ...}, a Hugging "
+                          "Face ModelOutput) or an index (a tuple)")
     atk = p.add_argument_group("PGD / FGSM curves")
     atk.add_argument("--attacks", default="fgsm,pgd-l2,pgd-linf", help="comma-separated: " + ", ".join(ATTACKS))
     atk.add_argument("--eps-list", type=float_list, default=float_list(DEFAULT_L2_EPS),
@@ -103,7 +106,7 @@ def parse_range(text: str) -> Tuple[float, float]:
 
 
 def check_args(args) -> None:
-    for name in ("weights", "factory_kwargs", "label", "dataset"):
+    for name in ("weights", "factory_kwargs", "label", "dataset", "output"):
         if getattr(args, name) is not None and not args.model_factory:
             raise CliError(f"--{name.replace('_', '-')} belongs to --model-factory")
     if not args.checkpoint and not args.model_factory:
@@ -218,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     targets = [from_checkpoint(path, args.data_dir, device) for path in args.checkpoint]
     if args.model_factory:
         targets.append(from_factory(args.model_factory, args.weights, args.factory_kwargs, args.dataset,
-                                    args.data_dir, args.label, device))
+                                    args.data_dir, args.label, device, args.output))
     surrogate = from_checkpoint(args.surrogate, args.data_dir, device) if args.surrogate else None
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CliError(f"--out {args.out} exists and is not a folder")

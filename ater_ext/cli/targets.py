@@ -76,8 +76,19 @@ def _import_factory(spec: str):
     return fn
 
 
+def parse_output(text: Optional[str]):
+    """``--output``: an index when it is an integer, else a key (None: the model returns logits)."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def from_factory(spec: str, weights: Optional[str], kwargs_json: Optional[str], dataset: Optional[str],
-                 data_dir: Optional[str], label: Optional[str], device: torch.device) -> Target:
+                 data_dir: Optional[str], label: Optional[str], device: torch.device,
+                 output: Optional[str] = None) -> Target:
     if dataset is None:
         raise CliError(f"--model-factory needs --dataset (one of {', '.join(DATASETS)}) for its test data")
     if dataset not in DATASETS:
@@ -111,8 +122,9 @@ def from_factory(spec: str, weights: Optional[str], kwargs_json: Optional[str], 
     data = load_dataset(dataset, data_dir)
     name = label or spec
     info = {"checkpoint": weights or "(factory weights)", "factory": spec, "method": name, "dataset": dataset,
-            "model": type(model).__name__, "epoch": None, "seed": None,
+            "model": type(model).__name__, "epoch": None, "seed": None, "output": output,
             "selected_on": "unknown (user model)"}
+    model = robustness.logits_model(model, parse_output(output), "ater-eval --output")
     return Target(label=name, model=model.to(device).eval(), data=data, info=info)
 
 
@@ -121,7 +133,7 @@ def check_target(target: Target, device: torch.device) -> None:
     x = target.data.x_test[:2].to(device)
     try:
         robustness.check_logits("ater-eval", target.model, x, target.data.num_classes)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise CliError(f"{target.label}: {str(exc).split(': ', 1)[-1]}") from None
     except Exception as exc:
         raise CliError(f"{target.label}: the model fails on {target.data.name} inputs "
