@@ -169,10 +169,26 @@ def _pgd(op: str, model: nn.Module, x: Tensor, y: Tensor, eps: float, *, steps: 
     return in_memory_format(x_adv.detach(), passes.memory_format)
 
 
+def _start(op: str, random_start, x_init: Optional[Tensor], project):
+    """The start rule of a PGD attack: a random draw, a given point (projected), or None (x itself)."""
+    if x_init is None:
+        return random_start
+    if random_start is not None:
+        raise ValueError(f"ater_ext.{op}: random_start and x_init exclude each other")
+
+    def given(x0: Tensor, eps: float) -> Tensor:
+        if x_init.shape != x0.shape:
+            raise ValueError(f"ater_ext.{op}: x_init must have x's shape, got {list(x_init.shape)} "
+                             f"and {list(x0.shape)}")
+        return project(x_init.detach().to(x0.dtype), x0, eps)
+    return given
+
+
 def pgd_l2(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, steps: int = 10,
            step_size: Optional[float] = None, clamp: Clamp = (0.0, 1.0), random_start: bool = False,
            loss_fn: Optional[LossFn] = None, eval_mode: bool = True,
-           generator: Optional[torch.Generator] = None, output: OutputSpec = None) -> Tensor:
+           generator: Optional[torch.Generator] = None, output: OutputSpec = None,
+           x_init: Optional[Tensor] = None) -> Tensor:
     """Projected gradient descent on the loss in the L2 ball (Madry et al. 2018).
 
     Start at ``x`` (or, with ``random_start``, at a point drawn uniformly in the
@@ -186,7 +202,9 @@ def pgd_l2(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, steps: int = 1
     Clipping after the projection keeps the point in the ball (for ``x`` inside
     the range it only moves coordinates towards ``x``). A sample whose gradient
     is zero does not move. ``step_size`` defaults to ``2.5 * eps / steps``.
-    ``generator`` draws the random start (the global RNG when ``None``). Other
+    ``generator`` draws the random start (the global RNG when ``None``);
+    ``x_init``: start there instead (projected onto the ball, clipped; e.g.
+    TRADES's ``x + 0.001 * randn``), exclusive with ``random_start``. Other
     arguments as in :func:`fgsm`.
     """
     def start(x0: Tensor, eps: float) -> Tensor:
@@ -196,14 +214,15 @@ def pgd_l2(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, steps: int = 1
         return _project_l2(ops.normalized_step(x_adv, g, step), x0, eps)
 
     return _pgd("pgd_l2", model, x, y, eps, steps=steps, step_size=step_size, clamp=clamp,
-                start=start if random_start else None, update=update, loss_fn=loss_fn, eval_mode=eval_mode,
-                output=output)
+                start=_start("pgd_l2", start if random_start else None, x_init, _project_l2), update=update,
+                loss_fn=loss_fn, eval_mode=eval_mode, output=output)
 
 
 def pgd_linf(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, steps: int = 10,
              step_size: Optional[float] = None, clamp: Clamp = (0.0, 1.0), random_start: bool = False,
              loss_fn: Optional[LossFn] = None, eval_mode: bool = True,
-             generator: Optional[torch.Generator] = None, output: OutputSpec = None) -> Tensor:
+             generator: Optional[torch.Generator] = None, output: OutputSpec = None,
+             x_init: Optional[Tensor] = None) -> Tensor:
     """Projected gradient descent on the loss in the L-inf ball (Madry et al. 2018).
 
     Start at ``x`` (or, with ``random_start``, at ``x + U[-eps, eps]`` per
@@ -225,5 +244,5 @@ def pgd_linf(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, steps: int =
         return _project_linf(x_adv + step * g.sign(), x0, eps)
 
     return _pgd("pgd_linf", model, x, y, eps, steps=steps, step_size=step_size, clamp=clamp,
-                start=start if random_start else None, update=update, loss_fn=loss_fn, eval_mode=eval_mode,
-                output=output)
+                start=_start("pgd_linf", start if random_start else None, x_init, _project_linf), update=update,
+                loss_fn=loss_fn, eval_mode=eval_mode, output=output)

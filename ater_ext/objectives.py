@@ -1,4 +1,6 @@
-"""The training objectives of the paper: ERM, AT, VAT, ATER (Eq. 11) and VATER (Eq. 12).
+"""The training objectives of the paper: ERM, AT, VAT, ATER (Eq. 11) and VATER (Eq. 12),
+and the baselines a user would run instead: multi-step PGD adversarial training
+(Madry et al.), TRADES (Zhang et al. 2019) and FGSM with a random start (Wong et al. 2020).
 
 Each returns ``(loss, stats)``: ``loss`` is a scalar to call ``backward()`` on,
 ``stats`` a dict of floats for logging (of detached 0-dim tensors while a CUDA
@@ -15,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
-from .checks import check_clamp, check_grad_mode, check_lam
+from . import attacks, ops
+from .checks import check_clamp, check_grad_mode, check_lam, check_nonnegative
 from .energy import (accumulation_dtype, check_batch, check_positive, check_trainable, clamp_to, default_xi,
                      fd_x_max, grad_scale_of, penalty_value, resolve_loss_fn)
 from .gradient_bank import GradientBank, banked_term, owned_gradients
@@ -24,7 +26,7 @@ from .outputs import OutputSpec, resolve_output
 from .passes import ExtraPasses, LossFn, is_capturing
 from .randomness import RandomTape
 
-__all__ = ["erm_loss", "at_loss", "vat_loss", "ater_loss", "vater_loss"]
+__all__ = ["erm_loss", "at_loss", "vat_loss", "ater_loss", "vater_loss", "pgd_at_loss", "trades_loss", "fgsm_rs_loss"]
 
 Stats = Dict[str, Union[float, Tensor]]
 
@@ -262,3 +264,142 @@ def vater_loss(model: nn.Module, x_l: Tensor, y_l: Tensor, x_ul: Tensor, *, eps_
     ce = per_sample[:n_l].mean()
     loss = ce + vat + lam * energy
     return loss, detached_stats(loss=loss, ce=ce, vat=vat, energy=energy)
+
+
+# ---------------------------------------------------------------- baselines
+# The methods a researcher would run instead of ATER (issue 14), in the same
+# harness: their attacks are ater_ext.attacks' PGD loop run through the extra
+# passes (input gradients only, BatchNorm buffers untouched, the model's own
+# train/eval mode, one dropout mask per attack), and only the training
+# forward updates BatchNorm statistics.
+BASELINE_NORMS = ("l2", "linf")
+
+
+def check_norm(op: str, norm: str) -> str:
+    if norm not in BASELINE_NORMS:
+        raise ValueError(f"ater_ext.{op}: norm must be one of {list(BASELINE_NORMS)}, got {norm!r}")
+    return norm
+
+
+def check_steps(op: str, steps: int) -> int:
+    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+        raise ValueError(f"ater_ext.{op}: steps must be an integer >= 1, got {steps!r}")
+    return int(steps)
+
+
+def _attack(norm: str):
+    return attacks.pgd_l2 if norm == "l2" else attacks.pgd_linf
+
+
+def pgd_at_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, norm: str = "l2", steps: int = 10,
+                step_size: Optional[float] = None, random_start: bool = True, clean_weight: float = 0.0,
+                loss_fn: Optional[LossFn] = None, clamp=None, output: OutputSpec = None,
+                generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Stats]:
+    """Multi-step PGD adversarial training (Madry et al. 2018): ``L(x_adv)``.
+
+    ``x_adv``: ``steps`` steps of PGD (:func:`ater_ext.attacks.pgd_l2` /
+    ``pgd_linf``) from a uniform random start in the ball (``random_start``),
+    step size ``step_size`` (default ``2.5 * eps / steps``, Madry et al.'s rule),
+    in the model's current mode; a constant for the update. With
+    ``clean_weight = c > 0`` the loss is ``c L(x) + (1 - c) L(x_adv)`` (the
+    clean-loss mix), from one training forward on ``cat(x, x_adv)``.
+
+    Cost: ``steps`` attack passes (forward + input-gradient backward each), then
+    one training forward and backward (on twice the batch with the mix).
+    ``generator`` draws the random start (the global RNG when ``None``).
+    """
+    op = "pgd_at_loss"
+    check_batch(op, x, y)
+    eps = check_positive(op, "eps", eps, x.dtype)
+    norm, steps = check_norm(op, norm), check_steps(op, steps)
+    clean_weight = check_nonnegative(op, "clean_weight", clean_weight)
+    if clean_weight > 1:
+        raise ValueError(f"ater_ext.{op}: clean_weight must be in [0, 1], got {clean_weight}")
+    clamp = check_clamp(op, clamp)
+    loss_fn = resolve_loss_fn(loss_fn, op)
+    x_adv = _attack(norm)(model, x, y, eps, steps=steps, step_size=step_size, clamp=clamp, random_start=random_start,
+                          loss_fn=loss_fn, eval_mode=False, generator=generator, output=output)
+    logits_of = resolve_output(output, op=op)
+    if clean_weight == 0:
+        adv = loss_fn(logits_of(model(x_adv)), y, reduction="mean")
+        return adv, detached_stats(loss=adv, adv=adv)
+    logits = logits_of(model(torch.cat([x.detach(), x_adv])))
+    ce = loss_fn(logits[:x.shape[0]], y, reduction="mean")
+    adv = loss_fn(logits[x.shape[0]:], y, reduction="mean")
+    loss = clean_weight * ce + (1 - clean_weight) * adv
+    return loss, detached_stats(loss=loss, ce=ce, adv=adv)
+
+
+def _kl_to(log_p: Tensor):
+    """A loss_fn ``(logits, target, reduction) -> KL(p || softmax(logits))`` with ``p = exp(log_p)``
+    fixed (the ``target`` argument is ``log_p`` itself, passed through the attack as its "labels")."""
+    def kl(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        acc = accumulation_dtype(logits.dtype)
+        log_q = F.log_softmax(logits.to(acc), dim=1)
+        per_sample = (target.exp() * (target - log_q)).sum(dim=1)
+        return {"none": per_sample, "sum": per_sample.sum(), "mean": per_sample.mean()}[reduction]
+    return kl
+
+
+def trades_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, norm: str = "l2", beta: float = 6.0,
+                steps: int = 10, step_size: Optional[float] = None, loss_fn: Optional[LossFn] = None, clamp=None,
+                output: OutputSpec = None, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Stats]:
+    """TRADES (Zhang et al. 2019): ``L(x) + beta * mean_i KL(p(x_i) || p(x_adv_i))``.
+
+    ``x_adv``: ``steps`` steps of PGD ascending ``KL(p(x) || p(x'))`` (``p(x)``
+    fixed) from ``x + 0.001 * N(0, I)`` (TRADES's start; ``generator`` draws it),
+    step size default ``2.5 * eps / steps``. In the loss the KL is differentiable
+    through both ``p(x)`` and ``p(x_adv)``, as in TRADES. Defaults: TRADES's
+    ``beta = 6`` and 10 steps; its paper uses L-inf radii (MNIST 0.3, CIFAR-10
+    8/255), this project's L2 default is the paper's 2.0. One clean forward
+    (the one that updates BatchNorm); the attack runs in the model's current
+    mode (TRADES's code switches to eval mode for it).
+
+    Cost: one clean forward, ``steps`` attack passes, the ``x_adv`` forward, and
+    the backward through both forwards.
+    """
+    op = "trades_loss"
+    check_batch(op, x, y)
+    eps = check_positive(op, "eps", eps, x.dtype)
+    beta = check_positive(op, "beta", beta)
+    norm, steps = check_norm(op, norm), check_steps(op, steps)
+    clamp = check_clamp(op, clamp)
+    loss_fn = resolve_loss_fn(loss_fn, op)
+    clean = _CleanForward(op, model, x, output)
+    acc = accumulation_dtype(clean.logits.dtype)
+    log_p_fixed = F.log_softmax(clean.logits.detach().to(acc), dim=1)
+    noise = torch.randn(x.shape, dtype=x.dtype, device=generator.device if generator is not None else x.device,
+                        generator=generator).to(x.device)
+    x_adv = _attack(norm)(model, x, log_p_fixed, eps, steps=steps, step_size=step_size, clamp=clamp,
+                          loss_fn=_kl_to(log_p_fixed), eval_mode=False, output=output,
+                          x_init=x.detach() + 0.001 * noise)
+    ce = loss_fn(clean.logits, y, reduction="mean")
+    with clean.passes(x, output=output, op=op) as passes:
+        log_q = F.log_softmax(passes.forward(x_adv, detach_params=False).to(acc), dim=1)
+    log_p = F.log_softmax(clean.logits.to(acc), dim=1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+    loss = ce + beta * kl
+    return loss, detached_stats(loss=loss, ce=ce, kl=kl)
+
+
+def fgsm_rs_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 0.3, alpha: Optional[float] = None,
+                 loss_fn: Optional[LossFn] = None, clamp=None, output: OutputSpec = None,
+                 generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Stats]:
+    """"Fast" adversarial training, FGSM from a random start (Wong et al. 2020): ``L(x_adv)``.
+
+    ``x_adv = proj(x + delta + alpha * sign(grad_x L(x + delta)))`` with
+    ``delta ~ U[-eps, eps]`` per coordinate and ``alpha = 1.25 * eps`` (their
+    rule), projected onto the L-inf box and clipped to ``clamp``: one step of
+    :func:`ater_ext.attacks.pgd_linf` with a random start. L-inf only, as the
+    method is. Cost: one attack pass, then one training forward and backward.
+    """
+    op = "fgsm_rs_loss"
+    check_batch(op, x, y)
+    eps = check_positive(op, "eps", eps, x.dtype)
+    alpha = 1.25 * eps if alpha is None else check_positive(op, "alpha", alpha, x.dtype)
+    clamp = check_clamp(op, clamp)
+    loss_fn = resolve_loss_fn(loss_fn, op)
+    x_adv = _attack("linf")(model, x, y, eps, steps=1, step_size=alpha, clamp=clamp, random_start=True,
+                            loss_fn=loss_fn, eval_mode=False, generator=generator, output=output)
+    adv = loss_fn(resolve_output(output, op=op)(model(x_adv)), y, reduction="mean")
+    return adv, detached_stats(loss=adv, adv=adv)

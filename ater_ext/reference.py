@@ -105,6 +105,11 @@ __all__ += [
     "ref_vat_loss",
     "ref_ater_loss",
     "ref_vater_loss",
+    "ref_uniform_start",
+    "ref_pgd",
+    "ref_pgd_at_loss",
+    "ref_trades_loss",
+    "ref_fgsm_rs_loss",
 ]
 
 
@@ -463,3 +468,93 @@ def ref_vater_loss(
     reg = ref_energy_reg(model, x, y, eps=eps, xi=xi, grad_x=g, rng_state=start)
     _set_rng(after, x.device)
     return sup + vat + lam * reg
+
+
+# ------------------------------------------------------------------ baselines
+def _ref_project(xa: torch.Tensor, x0: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """The nearest point of the ball ``||x - x0|| <= eps`` (L2: rescale the offset; L-inf: clip it)."""
+    if norm == "linf":
+        return torch.max(torch.min(xa, x0 + eps), x0 - eps)
+    delta = (xa - x0).reshape(x0.shape[0], -1)
+    n = delta.double().norm(dim=1)
+    factor = torch.where(n > eps, eps / torch.where(n > 0, n, torch.ones_like(n)), torch.ones_like(n))
+    return x0 + (delta * factor.to(delta.dtype)[:, None]).reshape(x0.shape)
+
+
+def ref_uniform_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator) -> torch.Tensor:
+    """A uniform random point of each sample's ball, drawn in the order ater_ext.attacks draws it
+    (L2: a Gaussian direction, then the radius ``eps * U^(1/D)`` in fp64; L-inf: ``U[-eps, eps]``)."""
+    if norm == "linf":
+        return x + eps * (2 * torch.rand(x.shape, dtype=x.dtype, generator=generator) - 1)
+    d = x[0].numel()
+    gauss = torch.randn(x.shape, dtype=x.dtype, generator=generator)
+    u = torch.rand(x.shape[0], dtype=torch.float64, generator=generator)
+    radius = (eps * u.pow(1.0 / d)).to(x.dtype)
+    return x + radius.reshape((-1,) + (1,) * (x.dim() - 1)) * normalize(gauss).to(x.dtype).reshape(x.shape)
+
+
+def ref_pgd(model, x, target, eps: float, *, norm: str, steps: int, step_size: float, loss, start=None,
+            clamp=None) -> torch.Tensor:
+    """Projected gradient ascent of ``sum_i loss(f(x'_i), target_i)`` in the ``norm`` ball around ``x``
+    (from ``start``, projected; else from ``x``), in the model's mode with cloned buffers. L2 steps move
+    ``step_size`` along the normalised gradient, L-inf steps along its sign; each is projected onto the
+    ball, then clipped to ``clamp``. Returns a constant."""
+    x0 = x.detach()
+    xa = x0.clone() if start is None else _ref_project(start.detach(), x0, eps, norm)
+    if clamp is not None:
+        xa = xa.clamp(clamp[0], clamp[1])
+    for _ in range(steps):
+        xr = xa.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = loss(_forward_side(model, xr, params_differentiable=False), target).sum()
+            (g,) = torch.autograd.grad(value, xr)
+        if norm == "l2":
+            xa = xa + step_size * normalize(g).to(xa.dtype).reshape(xa.shape)
+        else:
+            xa = xa + step_size * g.sign()
+        xa = _ref_project(xa, x0, eps, norm)
+        if clamp is not None:
+            xa = xa.clamp(clamp[0], clamp[1])
+    return xa.detach()
+
+
+def _ce_per_sample(logits, y):
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def ref_pgd_at_loss(model, x, y, *, eps: float = 2.0, norm: str = "l2", steps: int = 10,
+                    step_size: Optional[float] = None, clean_weight: float = 0.0, start=None) -> torch.Tensor:
+    """Madry et al.'s PGD-AT: ``L(x_adv)`` (or ``c L(x) + (1 - c) L(x_adv)`` from one forward of
+    ``cat(x, x_adv)``), ``x_adv`` by :func:`ref_pgd` on the cross-entropy from ``start``."""
+    step = 2.5 * eps / steps if step_size is None else step_size
+    x_adv = ref_pgd(model, x, y, eps, norm=norm, steps=steps, step_size=step, loss=_ce_per_sample, start=start)
+    if clean_weight == 0:
+        return F.cross_entropy(model(x_adv), y)
+    logits = model(torch.cat([x.detach(), x_adv]))
+    n = x.shape[0]
+    return clean_weight * F.cross_entropy(logits[:n], y) + (1 - clean_weight) * F.cross_entropy(logits[n:], y)
+
+
+def ref_trades_loss(model, x, y, *, eps: float = 2.0, norm: str = "l2", beta: float = 6.0, steps: int = 10,
+                    step_size: Optional[float] = None, noise: torch.Tensor) -> torch.Tensor:
+    """TRADES: ``CE(f(x), y) + beta * mean_i KL(p(x_i) || p(x_adv_i))``; ``x_adv`` ascends the KL (``p(x)``
+    fixed) from ``x + 0.001 * noise``; in the loss the KL is differentiable through both sides."""
+    logits = model(x)
+    p_fixed = F.softmax(logits.detach(), dim=1)
+
+    def kl_fixed(q_logits, p):
+        return (p * (p.log() - F.log_softmax(q_logits, dim=1))).sum(dim=1)
+
+    step = 2.5 * eps / steps if step_size is None else step_size
+    x_adv = ref_pgd(model, x, p_fixed, eps, norm=norm, steps=steps, step_size=step, loss=kl_fixed,
+                    start=x.detach() + 0.001 * noise)
+    adv_logits = _forward_side(model, x_adv, params_differentiable=True)
+    return F.cross_entropy(logits, y) + beta * _kl_batchmean(logits, adv_logits)
+
+
+def ref_fgsm_rs_loss(model, x, y, *, eps: float, alpha: Optional[float] = None, start: torch.Tensor) -> torch.Tensor:
+    """Wong et al.'s FGSM with random start: one sign step of ``alpha`` (default ``1.25 eps``) from
+    ``start``, projected onto the L-inf box; then ``L(x_adv)``."""
+    alpha = 1.25 * eps if alpha is None else alpha
+    x_adv = ref_pgd(model, x, y, eps, norm="linf", steps=1, step_size=alpha, loss=_ce_per_sample, start=start)
+    return F.cross_entropy(model(x_adv), y)

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import ater_ext
+from _counting import CountMatmuls
 from ater_ext import objectives, passes, train_step
 from ater_ext.train_step import TrainStep, check_capturable_optimizer, check_static_batch
 
@@ -47,20 +47,6 @@ def manual_loop(model, opt, data):
 
 def state_of(model):
     return [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
-
-
-class CountMatmuls(TorchDispatchMode):
-    """Counts the matrix products dispatched (forward and backward: CPU autograd runs on this thread)."""
-
-    MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in self.MATMULS
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("objective", ["ater_loss", "energy_reg"])
