@@ -46,6 +46,7 @@ bench: build
 	$(PY) benchmarks/bench_ops.py
 	$(PY) benchmarks/bench_scaling.py
 	$(PY) benchmarks/bench_step.py
+	$(PY) benchmarks/bench_methods.py
 
 clean:
 	rm -rf build ater_ext/*.so *.egg-info $(BUILD_STAMP)

@@ -212,23 +212,28 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(model_name: str, shape, batch: int, device: str, rounds: int) -> Dict[str, float]:
-    """Median seconds of one full training step per variant, interleaved."""
-    base, x, y = setup(model_name, shape, batch, device)
-    names = variants_for(base, device)
-    steps = {name: make_step(name, copy.deepcopy(base)) for name in names}
-    times: Dict[str, List[float]] = {name: [] for name in names}
-    for name in names:  # warm-up (and, for ater_graph, the capture)
-        steps[name](x, y)
-        steps[name](x, y)
+def median_step_times(steps: Dict[str, Callable], x, y, device: str, rounds: int) -> Dict[str, float]:
+    """Median seconds of one call per step function, after two warm-up calls each (for a
+    captured step, the capture); rounds interleave the steps so drifting load hits all alike."""
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    for step in steps.values():
+        step(x, y)
+        step(x, y)
     for _ in range(rounds):
-        for name in names:
+        for name, step in steps.items():
             sync(device)
             start = time.perf_counter()
-            steps[name](x, y)
+            step(x, y)
             sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(v) for name, v in times.items()}
+
+
+def time_steps(model_name: str, shape, batch: int, device: str, rounds: int) -> Dict[str, float]:
+    """Median seconds of one full training step per variant, interleaved."""
+    base, x, y = setup(model_name, shape, batch, device)
+    steps = {name: make_step(name, copy.deepcopy(base)) for name in variants_for(base, device)}
+    return median_step_times(steps, x, y, device, rounds)
 
 
 def peak_memory(model_name: str, shape, batch: int, device: str, variant: str) -> float:

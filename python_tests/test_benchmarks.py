@@ -60,3 +60,26 @@ def test_scaling_case_checks_then_times(op, monkeypatch):
     monkeypatch.setitem(bench_scaling.SPECS, op, spec.__class__(**{**spec.__dict__, "fused": lambda *a, out: out.zero_()}))
     with pytest.raises(AssertionError):
         bench_scaling.case(op, 8, 50, "cpu", 0.01)
+
+
+def test_methods_targets_from_ratios():
+    import bench_methods
+
+    rows = [{"model": "mlp", "batch": 256, "seconds": {"ater": 0.5, "pgd_at": 1.0}},
+            {"model": "conv-large", "batch": 16, "seconds": {"ater": 0.9, "pgd_at": 1.0}},
+            {"model": "resnet18", "batch": 32, "seconds": {"ater": 2.0, "pgd_at": 1.0}}]
+    got = bench_methods.targets(rows)
+    assert [t["status"] for t in got] == ["PASS", "FAIL"]  # resnet18 is measured, not judged
+    assert "missed by 50%" in got[1]["text"]
+
+
+def test_quick_methods_benchmark_checks_and_writes(tmp_path):
+    import bench_methods
+
+    bench_methods.main(["--quick", "--out", str(tmp_path)])
+    (report_path,) = tmp_path.glob("methods-*-quick.json")
+    report = json.loads(report_path.read_text())
+    (r,) = report["rows"]
+    assert set(r["seconds"]) == set(bench_methods.METHODS)
+    assert all(gap < 1e-8 for gap in r["grad_rel_gaps"].values())
+    assert (tmp_path / report_path.name.replace(".json", ".md")).read_text().startswith("# Training-step cost")
