@@ -8,7 +8,9 @@ Zhang, Huang and Xu, "On Model Robustness Against Adversarial Examples"
 :mod:`ater_ext.objectives` has the ERM / AT / VAT / ATER / VATER losses (and
 :class:`EnergyReg`, :class:`ATERLoss`, ... are their module forms), the fused
 batched ops live in :mod:`ater_ext.ops` (also ``torch.ops.ater_ext.*``),
-:mod:`ater_ext.attacks` and :mod:`ater_ext.metrics` evaluate robustness,
+:mod:`ater_ext.attacks` and :mod:`ater_ext.metrics` evaluate robustness
+(:mod:`ater_ext.robustness` adds restarts and AutoAttack, :mod:`ater_ext.masking` the
+gradient-masking report), :mod:`ater_ext.atomic_io` writes result files atomically,
 :mod:`ater_ext.reference` holds pure-PyTorch twins of all of it, and
 :class:`TrainStep` runs a whole training step, optionally replayed from a CUDA graph, and
 :func:`backward_into_parameters` is the backward it runs (no gradient for the penalty's ``x_max``).
@@ -19,8 +21,8 @@ that pull in optional or heavy dependencies (``ater_ext.integrations.lightning``
 """
 import importlib as _importlib
 
-from . import (attacks, checks, energy, gradient_bank, integrations, metrics, models, modules, objectives, ops,
-               outputs, passes, randomness, reference, train_step)
+from . import (atomic_io, attacks, checks, energy, gradient_bank, integrations, masking, metrics, models, modules,
+               objectives, ops, outputs, passes, randomness, reference, robustness, train_step)
 from ._loader import BUILD_CPU_ISA
 from .energy import default_xi, energy_reg, x_max
 from .modules import ATERLoss, ATLoss, EnergyReg, ERMLoss, VATERLoss, VATLoss
@@ -35,7 +37,8 @@ _LAZY_SUBMODULES = ("data", "cli")
 __all__ = ["energy_reg", "x_max", "default_xi", "capture_rng_state", "resolve_output", "TrainStep",
            "backward_into_parameters", "EnergyReg", "ERMLoss", "ATLoss", "VATLoss", "ATERLoss", "VATERLoss",
            "attacks", "metrics", "objectives", "ops", "reference", "models", "outputs", "modules", "integrations",
-           "energy", "passes", "randomness", "checks", "gradient_bank", "train_step", "BUILD_CPU_ISA",
+           "energy", "passes", "randomness", "checks", "gradient_bank", "train_step", "robustness", "masking",
+           "atomic_io", "BUILD_CPU_ISA",
            "__version__"]
 
 

@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="AutoAttack, standard version (APGD-CE, APGD-T, FAB-T, Square; pyautoattack)")
     aa.add_argument("--aa-norm", choices=robustness.NORMS, default="linf", help="threat model of AutoAttack and the report")
     aa.add_argument("--aa-eps", type=positive_float, default=None,
-                    help=f"radius of AutoAttack and the report (default: {DEFAULT_AA_LINF_EPS} for linf, the "
-                         f"checkpoint's --eps-adv for l2)")
+                    help=f"radius of AutoAttack and the report (default: the checkpoint's --eps-adv when it was "
+                         f"trained in --aa-norm, else {DEFAULT_AA_LINF_EPS} for linf)")
     aa.add_argument("--aa-limit", type=positive_int, default=None,
                     help="AutoAttack and the report on the first N evaluation points (default: --limit's)")
     aa.add_argument("--masking-report", action="store_true", help="run the gradient-masking checks (masking.json, .md)")
@@ -128,12 +128,12 @@ def pgd_settings(args) -> Dict[str, object]:
 def aa_radius(args, target: Target) -> float:
     if args.aa_eps is not None:
         return args.aa_eps
+    radius = target.info.get("train_eps_adv") if target.info.get("train_norm", "l2") == args.aa_norm else None
+    if radius is not None:
+        return float(radius)  # the radius the model was trained at, in that norm
     if args.aa_norm == "linf":
         return DEFAULT_AA_LINF_EPS
-    radius = target.info.get("train_eps_adv")
-    if radius is None:
-        raise CliError(f"{target.label}: --aa-eps is needed for --aa-norm l2 (no training radius known)")
-    return float(radius)
+    raise CliError(f"{target.label}: --aa-eps is needed for --aa-norm l2 (no L2 training radius known)")
 
 
 def curves(target: Target, args, names: List[str], x, y, device) -> Dict[str, List[Dict[str, float]]]:

@@ -5,8 +5,9 @@ section 5).
 classes and drawn with the run's ``--seed``; they are never trained on. After
 every epoch it measures on them the clean error (``val_error``) and, on a
 fixed subset of at most ``--select-subset`` of them, the accuracy under 10-step
-PGD-L2 at the training radius (``val_robust_acc``; the radius is ``--eps-adv``
-for erm/at/ater and ``--eps-vat`` for vat/vater). ``best.pt`` is the epoch with
+PGD at the training radius in the training norm (``val_robust_acc``; the radius
+is ``--eps-adv`` for erm/at/ater and the baselines, ``--eps-vat`` for vat/vater;
+L2 but for ``--norm linf`` runs). ``best.pt`` is the epoch with
 the lowest ``val_error`` (``--select clean``) or the highest
 ``val_robust_acc`` (``--select robust``); the test set is only reported.
 With ``--val-size 0`` there is no validation set and ``best.pt`` is the last
@@ -62,11 +63,13 @@ def selection_radius(method: str, eps_adv: float, eps_vat: float) -> float:
 class Validation:
     """The per-epoch validation figures and the best epoch so far."""
 
-    def __init__(self, data: Dataset, val_idx: Tensor, *, select: str, radius: float, subset: int, device):
+    def __init__(self, data: Dataset, val_idx: Tensor, *, select: str, radius: float, subset: int, device,
+                 norm: str = "l2"):
         if select not in SELECTIONS:
             raise CliError(f"--select must be one of {', '.join(SELECTIONS)}, got {select!r}")
         self.enabled = len(val_idx) > 0
         self.select, self.radius, self.device = select, radius, device
+        self.attack = "pgd-linf" if norm == "linf" else "pgd-l2"
         self.x, self.y = data.x_train[val_idx], data.y_train[val_idx]
         sub = spread_subset(len(val_idx), subset)
         self.x_robust, self.y_robust = self.x[sub], self.y[sub]
@@ -76,7 +79,7 @@ class Validation:
         if not self.enabled:
             return {}
         correct = robustness.clean_correct(model, self.x, self.y, device=self.device)
-        robust = robustness.attack_accuracy(model, self.x_robust, self.y_robust, "pgd-l2", self.radius,
+        robust = robustness.attack_accuracy(model, self.x_robust, self.y_robust, self.attack, self.radius,
                                             steps=SELECT_STEPS, device=self.device)
         return {"val_error": 100.0 - robustness.percent(correct), "val_robust_acc": robust}
 

@@ -54,7 +54,7 @@ def from_checkpoint(path: str, data_dir: Optional[str], device: torch.device) ->
                        f"({first_line(exc)})") from None
     info = {"checkpoint": path, "method": cfg["method"], "dataset": cfg["dataset"], "model": cfg["model"],
             "epoch": int(state["epoch"]), "seed": cfg.get("seed"), "selected_on": _selection_note(cfg),
-            "train_eps_adv": cfg.get("eps_adv"), "train_eps": cfg.get("eps")}
+            "train_eps_adv": cfg.get("eps_adv"), "train_norm": cfg.get("norm", "l2"), "train_eps": cfg.get("eps")}
     return Target(label=path, model=model.to(device).eval(), data=data, info=info)
 
 

@@ -1,4 +1,5 @@
-"""``ater-train``: train ERM / AT / VAT / ATER / VATER models on real data.
+"""``ater-train``: train ERM / AT / VAT / ATER / VATER models on real data, and
+the baselines PGD-AT (Madry et al.), TRADES and FGSM-RS ("fast" AT) beside them.
 
 Writes under ``--out``: ``metrics.json`` and ``metrics.csv`` (one row per
 epoch), ``last.pt`` and ``best.pt`` (model, optimiser, epoch, RNG states,
@@ -11,7 +12,7 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -30,15 +31,24 @@ from .common import (CliError, load_checkpoint, log, machine_name, pick_device, 
                      progress, rng_state, run_cli, save_torch, seed_everything, set_rng_state, spread_subset, write_csv,
                      write_json)
 
-METHODS = ("erm", "at", "vat", "ater", "vater")
+METHODS = ("erm", "at", "vat", "ater", "vater", "pgd-at", "trades", "fgsm-rs")
 SEMI_SUPERVISED = ("vat", "vater")
+BASELINES = ("pgd-at", "trades", "fgsm-rs")  # multi-step / single-step baselines (ater_ext.objectives)
+NORMS = ("l2", "linf")
+
+# --eps-adv when not given: the paper's L2 radius 2.0; for an L-inf threat model the
+# radii of Madry et al. / TRADES / Wong et al.: 0.3 on MNIST-like data, 8/255 on CIFAR-10 and SVHN.
+DEFAULT_EPS_ADV_L2 = 2.0
+DEFAULT_EPS_ADV_LINF = {"cifar10": 8 / 255, "svhn": 8 / 255}
+DEFAULT_EPS_ADV_LINF_OTHER = 0.3
 
 # The paper's lambda: 0.1 on MNIST, 0.5 on CIFAR-10 and SVHN.
 PAPER_LAM = {"cifar10": 0.5, "svhn": 0.5}
 
 # Fields that define a run: --resume refuses a checkpoint whose values differ.
 RUN_FIELDS = ("method", "dataset", "model", "labels", "epochs", "batch_size", "ul_batch_size", "lr", "eps",
-              "eps_adv", "eps_vat", "lam", "xi", "seed", "amp", "val_size", "select", "select_subset")
+              "eps_adv", "eps_vat", "lam", "xi", "seed", "amp", "val_size", "select", "select_subset", "norm", "steps",
+              "beta")
 
 
 @dataclass
@@ -67,11 +77,15 @@ class TrainConfig:
     val_size: int = 0
     select: str = "clean"
     select_subset: int = 500
+    norm: str = "l2"
+    steps: int = 10
+    beta: float = 6.0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="ater-train", description="Train a model with ERM, AT, VAT, ATER or VATER (Zhang, Huang & Xu, AAAI 2020).",
+        prog="ater-train", description="Train a model with ERM, AT, VAT, ATER or VATER (Zhang, Huang & Xu, AAAI 2020), or with the "
+                    "baselines PGD-AT (Madry et al. 2018), TRADES (Zhang et al. 2019) or FGSM-RS (Wong et al. 2020).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", choices=METHODS, default="ater", help="training objective")
     p.add_argument("--dataset", choices=DATASETS, default="mnist-5k",
@@ -90,7 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adam learning rate; constant for the first half of training, then decayed linearly to 0 "
                         "with beta1 0.9 -> 0.5 (the VAT paper's schedule; the ATER paper states no rate)")
     p.add_argument("--eps", type=positive_float, default=2.0, help="energy radius of x_max (paper: 2.0 on MNIST)")
-    p.add_argument("--eps-adv", type=positive_float, default=2.0, help="L2 radius of AT's x_adv (paper: 2.0 on MNIST)")
+    p.add_argument("--eps-adv", type=positive_float, default=None,
+                   help="radius of x_adv for at/ater/pgd-at/trades/fgsm-rs in --norm; default 2.0 in L2 (the paper's, "
+                        "MNIST), in L-inf 0.3 on MNIST-like data and 8/255 on cifar10/svhn (Madry et al., TRADES)")
+    p.add_argument("--norm", choices=NORMS, default=None,
+                   help="threat model of pgd-at and trades (default l2); fgsm-rs is L-inf only; at/ater are L2")
+    p.add_argument("--steps", type=int, default=None,
+                   help="attack steps of pgd-at and trades (default 10; step size 2.5 * eps / steps)")
+    p.add_argument("--beta", type=float, default=None, help="TRADES's KL weight (default 6, TRADES's)")
     p.add_argument("--eps-vat", type=positive_float, default=2.0, help="L2 radius of VAT's r_vat (paper: 2.0 MNIST, 6.0-8.0 CIFAR-10)")
     p.add_argument("--lam", type=positive_float, default=None, help="energy weight lambda; default the paper's: 0.1 MNIST, 0.5 CIFAR-10/SVHN")
     p.add_argument("--xi", type=positive_float, default=None, help="probe distance; default by dtype: 1e-3 fp32, 1e-6 fp64 (paper: 1e-6)")
@@ -129,16 +150,42 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise CliError(f"--select {args.select} needs a validation set; drop --val-size 0")
     if args.labels is not None and args.labels < 1:
         raise CliError(f"--labels must be >= 1, got {args.labels}")
+    norm, steps, beta = baseline_options(args)
     return TrainConfig(
         method=args.method, dataset=args.dataset, data_dir=args.data_dir,
         model=args.model or default_model(args.dataset), labels=args.labels, epochs=args.epochs,
         batch_size=args.batch_size, ul_batch_size=args.ul_batch_size, lr=args.lr, eps=args.eps,
-        eps_adv=args.eps_adv, eps_vat=args.eps_vat, lam=args.lam if args.lam is not None else PAPER_LAM.get(args.dataset, 0.1),
+        eps_adv=args.eps_adv if args.eps_adv is not None else default_eps_adv(args.dataset, norm),
+        eps_vat=args.eps_vat, lam=args.lam if args.lam is not None else PAPER_LAM.get(args.dataset, 0.1),
         xi=args.xi, seed=args.seed, device=str(pick_device(args.device)), amp=args.amp, compile=args.compile,
         sync_bn=args.sync_bn, on_nonfinite=args.on_nonfinite,
         val_size=DEFAULT_VAL_SIZE[args.dataset] if args.val_size is None else args.val_size,
-        select=args.select or "clean", select_subset=args.select_subset,
+        select=args.select or "clean", select_subset=args.select_subset, norm=norm, steps=steps, beta=beta,
         out=args.out or os.path.join("results", f"{args.method}-{args.dataset}"))
+
+
+def baseline_options(args: argparse.Namespace):
+    """``(norm, steps, beta)`` checked against the method: each option only where the method reads it."""
+    method = args.method
+    readers = {"--norm": ("pgd-at", "trades", "fgsm-rs"), "--steps": ("pgd-at", "trades"), "--beta": ("trades",)}
+    for flag, methods in readers.items():
+        if getattr(args, flag[2:]) is not None and method not in methods:
+            raise CliError(f"{flag} applies to --method {' / '.join(methods)}, not {method}")
+    if args.steps is not None and args.steps < 1:
+        raise CliError(f"--steps must be an integer >= 1, got {args.steps}")
+    if args.beta is not None and not (math.isfinite(args.beta) and args.beta > 0):
+        raise CliError(f"--beta must be a finite number > 0, got {args.beta}")
+    if method == "fgsm-rs" and args.norm == "l2":
+        raise CliError("--norm l2: fgsm-rs is an L-inf method (Wong et al. 2020); use pgd-at --norm l2")
+    norm = "linf" if method == "fgsm-rs" else (args.norm or "l2")
+    return norm, args.steps or 10, 6.0 if args.beta is None else args.beta
+
+
+def default_eps_adv(dataset: str, norm: str) -> float:
+    """--eps-adv when not given (see the option's help)."""
+    if norm == "l2":
+        return DEFAULT_EPS_ADV_L2
+    return DEFAULT_EPS_ADV_LINF.get(dataset, DEFAULT_EPS_ADV_LINF_OTHER)
 
 
 # --------------------------------------------------------------------- data
@@ -189,6 +236,12 @@ def objective(cfg: TrainConfig, model, x, y, x_ul, scaler):
         return objectives.erm_loss(model, x, y)
     if cfg.method == "at":
         return objectives.at_loss(model, x, y, eps_adv=cfg.eps_adv)
+    if cfg.method == "pgd-at":
+        return objectives.pgd_at_loss(model, x, y, eps=cfg.eps_adv, norm=cfg.norm, steps=cfg.steps)
+    if cfg.method == "trades":
+        return objectives.trades_loss(model, x, y, eps=cfg.eps_adv, norm=cfg.norm, beta=cfg.beta, steps=cfg.steps)
+    if cfg.method == "fgsm-rs":
+        return objectives.fgsm_rs_loss(model, x, y, eps=cfg.eps_adv)
     if cfg.method == "ater":
         return objectives.ater_loss(model, x, y, eps_adv=cfg.eps_adv, eps=cfg.eps, lam=cfg.lam, xi=cfg.xi,
                                     scaler=scaler, compile=cfg.compile)
@@ -243,7 +296,7 @@ class Trainer:
         train_idx, val_idx = split_validation(self.data, cfg.val_size, cfg.seed)
         check_labels(cfg, self.data, len(train_idx))
         self.validation = Validation(self.data, val_idx, select=cfg.select, radius=selection_radius(
-            cfg.method, cfg.eps_adv, cfg.eps_vat), subset=cfg.select_subset, device=self.device)
+            cfg.method, cfg.eps_adv, cfg.eps_vat), norm=cfg.norm, subset=cfg.select_subset, device=self.device)
         seed_everything(cfg.seed)  # the same initial weights on every rank
         module = build_model(cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
         self.model = distributed.wrap_model(module, self.device, ctx, cfg.sync_bn)
@@ -289,7 +342,8 @@ class Trainer:
         path = os.path.join(self.cfg.out, "last.pt")
         state = load_checkpoint(path)
         saved = state["config"]
-        changed = [f for f in RUN_FIELDS if saved.get(f) != getattr(self.cfg, f)]
+        defaults = {f.name: f.default for f in fields(TrainConfig)}  # fields older checkpoints lack
+        changed = [f for f in RUN_FIELDS if saved.get(f, defaults.get(f)) != getattr(self.cfg, f)]
         if changed:
             raise CliError(f"--resume: {path} was written with other settings ({', '.join(changed)}); "
                            f"use the same options or another --out")
