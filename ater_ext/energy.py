@@ -104,8 +104,10 @@ def hvp_x_max(passes: ExtraPasses, x: Tensor, y: Tensor, grad_x: Optional[Tensor
     return clamp_to(ops.normalized_step(x.detach().to(hv.dtype), hv, eps), clamp).to(x.dtype), u_source
 
 
-# Step length of the ascent steps after the first, as a fraction of eps (see ascend_x_max).
-ASCENT_STEP = 0.5
+# Step length of the ascent steps after the first, as a fraction of eps (see ascend_x_max). Chosen on the
+# ERM- and ATER-trained MNIST MLPs (fractions of 0.25 .. 2.0 tried, k = 2, 4, 8): 1.0 reached the most on the
+# ATER-trained model at k = 2 and 4 and was within a few per cent of the best on the ERM-trained one.
+ASCENT_STEP = 1.0
 
 
 def _ascent_step(passes: ExtraPasses, x: Tensor, z: Tensor, y: Tensor, loss_fn: LossFn, *, eps: float, xi: float,

@@ -593,11 +593,11 @@ def ref_x_max_steps(
             z_{t+1} = x + eps * normalize(z_t + step * normalize(d_t) - x)   (back onto the sphere)
         x_max_i = the z_t (t = 1 .. k) of largest ||grad_x L(z_t)_i||   (first one on ties)
 
-    ``step`` defaults to ``eps / 2``. ``clamp`` clamps every probe and point.
+    ``step`` defaults to ``eps``. ``clamp`` clamps every probe and point.
     """
     loss_fn = _loss_fn(loss_fn)
     xi = default_xi(x.dtype) if xi is None else float(xi)
-    step = 0.5 * eps if step is None else float(step)
+    step = float(eps) if step is None else float(step)
     z = ref_x_max(model, x, y, eps=eps, xi=xi, loss_fn=loss_fn, direction=direction, clamp=clamp)
     best, best_norm = None, None
     for t in range(steps):

