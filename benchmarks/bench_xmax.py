@@ -11,6 +11,17 @@ forward-equivalents; wall and CPU seconds of one run)::
     python benchmarks/bench_xmax.py --runs /tmp/xmax/erm-mlp-mnist-5k ... \\
         --init mlp:mnist-5k lenet:digits conv-large:mnist-5k resnet18:mnist-5k [--batch 64] [--quick]
 
+``--train-comparison``: instead, "does it matter for training?": ERM, AT, ATER
+(the paper's one-step FD) and ATER with the best maximiser of the study
+(``--best-direction``, ``--best-steps``; default ``hvp``, 4 steps) trained on
+mnist-5k with the paper MLP for ``--epochs`` epochs and ``--seeds`` seeds, all
+in the same plain loop (Adam, lr 1e-3, batch 100, seeded order); reports test
+error, PGD-L2 accuracy (eps 2.0, 10 steps, 500 test images), the training-time
+quality ratio ``train_xmax_grad_ratio`` (ATER runs), the ratio the paper's
+one-step FD reaches on the final model (every method, 500 test images, train
+mode) and the time per epoch, mean +- std over seeds; writes
+``xmax-train-<machine>.json`` / ``.md``.
+
 ``--runs``: ater-train output folders (``best.pt`` is read; the method and
 dataset come from its config). ``--init MODEL:DATASET``: a freshly initialised
 model (seed 0); ``resnet18`` is torchvision's ResNet-18 (10 classes) on the
@@ -155,6 +166,85 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def train_one(method: str, seed: int, args) -> dict:
+    """One training run of the comparison (see the module docstring)."""
+    import statistics  # noqa: F401
+    from ater_ext import energy_reg, objectives
+    from ater_ext.robustness import attack_accuracy
+    data = load_dataset("mnist-5k")
+    torch.manual_seed(seed)
+    model = build_model("mlp", data.input_shape, data.num_classes)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    objective = {"erm": lambda x, y: objectives.erm_loss(model, x, y),
+                 "at": lambda x, y: objectives.at_loss(model, x, y),
+                 "ater": lambda x, y: objectives.ater_loss(model, x, y),
+                 "ater-best": lambda x, y: objectives.ater_loss(model, x, y, direction=args.best_direction,
+                                                                steps=args.best_steps)}[method]
+    epoch_seconds, ratios = [], []
+    for _ in range(args.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        order = torch.randperm(len(data.x_train), generator=gen)
+        for i in range(0, len(order) - 99, 100):
+            idx = order[i:i + 100]
+            loss, stats = objective(data.x_train[idx], data.y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if "xmax_grad_ratio" in stats:
+                ratios.append(stats["xmax_grad_ratio"])
+        epoch_seconds.append(time.perf_counter() - t0)
+    model.eval()
+    with torch.no_grad():
+        error = 100.0 * float((model(data.x_test).argmax(1) != data.y_test).float().mean())
+    sub = spread_subset(len(data.x_test), 500, seed=1)
+    pgd = attack_accuracy(model, data.x_test[sub], data.y_test[sub], "pgd-l2", 2.0, steps=10)
+    model.train()
+    xs, ys = data.x_test[sub], data.y_test[sub]
+    _, fd_stats = energy_reg(model, xs, ys, return_stats=True)
+    return {"method": method, "seed": seed, "test_error": error, "pgd_l2_acc": pgd,
+            "train_xmax_grad_ratio": sum(ratios) / len(ratios) if ratios else float("nan"),
+            "final_fd_ratio": float(fd_stats["xmax_grad_ratio"]), "epoch_seconds": sum(epoch_seconds) / len(epoch_seconds),
+            "cpu_load": [round(v, 2) for v in os.getloadavg()]}
+
+
+def mean_std(values) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{mean:.2f} +- {std:.2f}"
+
+
+def train_comparison(args, report: dict) -> Tuple[str, str]:
+    methods = ["erm", "at", "ater", "ater-best"]
+    runs = []
+    for method in methods:
+        for seed in range(args.seeds):
+            runs.append(train_one(method, seed, args))
+            tqdm.write(f"{method} seed {seed}: {runs[-1]}")
+    report.update({"epochs": args.epochs, "seeds": args.seeds, "best": f"{args.best_direction} steps={args.best_steps}",
+                   "runs": runs})
+    lines = [f"# Does the maximiser matter for training? ({report['machine']})", "",
+             f"{report['date']}, torch {report['torch']}, OMP_NUM_THREADS={report['omp_threads']}, load average "
+             f"{report['load_before']} at the start on {report['cpus']} CPUs shared with other jobs (times per epoch "
+             f"are noisy). Paper MLP on mnist-5k, {args.epochs} epochs, seeds 0..{args.seeds - 1}, one plain loop "
+             f"(Adam 1e-3, batch 100); eps = eps_adv = 2.0, lam 0.1. ATER-best: x_max by "
+             f"`direction={args.best_direction!r}, steps={args.best_steps}`. PGD: L2, eps 2.0, 10 steps, 500 test "
+             "images. Ratios: mean ||grad_x L(x_max)|| / mean ||grad_x L(x)|| during training (the maximiser in "
+             "use), and of the paper's one-step FD on the final model.", "",
+             "| method | test error % | PGD-L2 acc % | train xmax_grad_ratio | final one-step FD ratio | s / epoch |",
+             "|---|---|---|---|---|---|"]
+    for method in methods:
+        rs = [r for r in runs if r["method"] == method]
+        lines.append(f"| {method} | {mean_std([r['test_error'] for r in rs])} | {mean_std([r['pgd_l2_acc'] for r in rs])}"
+                     f" | {mean_std([r['train_xmax_grad_ratio'] for r in rs])} | {mean_std([r['final_fd_ratio'] for r in rs])}"
+                     f" | {mean_std([r['epoch_seconds'] for r in rs])} |")
+    return "xmax-train", "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", nargs="*", default=[], help="ater-train output folders (best.pt)")
@@ -167,6 +257,11 @@ def main(argv=None) -> int:
     p.add_argument("--fp64-big", action="store_true", help="also fp64 for conv-large and ResNet-18 (slow on CPU)")
     p.add_argument("--quick", action="store_true", help="batch 16, 4 big, steps 2 4, 8 reference steps")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--train-comparison", action="store_true", help="the training comparison instead of the study")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--best-direction", default="hvp", choices=["fd", "hvp"])
+    p.add_argument("--best-steps", type=int, default=4)
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.big_batch, args.steps, args.reference_iters = 16, 4, [2, 4], 8
@@ -174,6 +269,14 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "omp_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
               "cpus": os.cpu_count(), "load_before": [round(v, 2) for v in os.getloadavg()], "cases": []}
     start = time.perf_counter()
+    name = machine_info("cpu" if not torch.cuda.is_available() else "cuda")[0]
+    if args.train_comparison:
+        stem, text = train_comparison(args, report)
+        os.makedirs(args.out, exist_ok=True)
+        write_json(os.path.join(args.out, f"{stem}-{name}.json"), report)
+        write_text(os.path.join(args.out, f"{stem}-{name}.md"), text)
+        print(os.path.join(args.out, f"{stem}-{name}.md"))
+        return 0
     for model_name, dataset, state, model, data, eps in tqdm(cases(args), desc="x_max study"):
         t0 = time.perf_counter()
         results = run_case(model, data, model_name, eps, args)
@@ -181,7 +284,6 @@ def main(argv=None) -> int:
                                 "seconds": time.perf_counter() - t0, "results": results})
     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
     report["seconds"] = time.perf_counter() - start
-    name = machine_info("cpu" if not torch.cuda.is_available() else "cuda")[0]
     report["machine_slug"] = name
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, f"xmax-{name}.json"), report)
