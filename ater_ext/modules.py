@@ -20,8 +20,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 from torch import Tensor, nn
 
 from . import objectives
-from .checks import check_clamp, check_lam, check_positive, resolve_loss_fn
-from .energy import check_energy_settings, energy_reg
+from .checks import check_choice, check_clamp, check_lam, check_positive, resolve_loss_fn
+from .energy import DIRECTIONS, check_energy_settings, check_steps, energy_reg
 from .outputs import OutputSpec, resolve_output
 from .passes import LossFn, RngState, check_compile_mode
 
@@ -66,20 +66,25 @@ class EnergyReg(_SettingsModule):
     ``forward(model, x, y, *, grad_x=None, rng_state=None, scaler=None)``: the
     per-batch arguments stay per call. Returns the regulariser (a scalar for
     ``reduction="mean"``); add ``lam * reg(model, x, y)`` to your loss.
+    ``last_stats``: the quality of the last ``x_max`` (``grad_norm``,
+    ``xmax_grad_norm``, ``xmax_grad_ratio``; :func:`ater_ext.energy.xmax_stats`).
     """
 
     def __init__(self, eps: float = 2.0, *, xi: Optional[float] = None, loss_fn: Optional[LossFn] = None,
                  direction: str = "fd", penalty: str = "exact", clamp: Optional[Tuple[float, float]] = None,
                  reduction: str = "mean", fd_h: float = 1e-2, compile: Union[bool, str] = False,
-                 output: OutputSpec = None):
+                 output: OutputSpec = None, steps: int = 1):
         op = "EnergyReg"
         settings = check_energy_settings(op, eps=eps, xi=xi, direction=direction, clamp=clamp, fd_h=fd_h,
-                                         penalty=penalty, reduction=reduction)
+                                         penalty=penalty, reduction=reduction, steps=steps)
         super().__init__(op, settings, loss_fn=loss_fn, output=output, compile=compile)
 
     def forward(self, model: nn.Module, x: Tensor, y: Tensor, *, grad_x: Optional[Tensor] = None,
                 rng_state: Optional[RngState] = None, scaler=None) -> Tensor:
-        return energy_reg(model, x, y, grad_x=grad_x, rng_state=rng_state, scaler=scaler, **self.settings)
+        value, stats = energy_reg(model, x, y, grad_x=grad_x, rng_state=rng_state, scaler=scaler,
+                                  return_stats=True, **self.settings)
+        self.last_stats = objectives.detached_stats(**stats)
+        return value
 
 
 class ERMLoss(_SettingsModule):
@@ -124,17 +129,26 @@ class VATLoss(_SettingsModule):
         return self._loss(objectives.vat_loss(model, x, **self.settings))
 
 
+def _maximiser(op: str, direction: str, steps: int) -> Dict[str, Any]:
+    """The x_max settings (``direction``, ``steps``), checked; shown only when not the paper's."""
+    check_choice(op, "direction", direction, DIRECTIONS)
+    steps = check_steps(op, steps)
+    return {**({"direction": direction} if direction != "fd" else {}), **({"steps": steps} if steps != 1 else {})}
+
+
 class ATERLoss(_SettingsModule):
     """``criterion(model, x, y)`` = :func:`ater_ext.objectives.ater_loss`'s loss (Eq. 11);
-    ``forward(model, x, y, *, scaler=None)``."""
+    ``forward(model, x, y, *, scaler=None)``. ``direction`` / ``steps``: the
+    ``x_max`` maximiser (:func:`ater_ext.x_max`; default the paper's one-step FD)."""
 
     def __init__(self, eps_adv: float = 2.0, eps: float = 2.0, lam: float = 0.1, *, xi: Optional[float] = None,
                  loss_fn: Optional[LossFn] = None, clamp=None, compile: Union[bool, str] = False,
-                 output: OutputSpec = None, bank_gradients: bool = True):
+                 output: OutputSpec = None, bank_gradients: bool = True, direction: str = "fd", steps: int = 1):
         op = "ATERLoss"
         super().__init__(op, {"eps_adv": check_positive(op, "eps_adv", eps_adv), "eps": check_positive(op, "eps", eps),
                               "lam": check_lam(op, lam), "xi": _positive_or_none(op, "xi", xi),
-                              "clamp": check_clamp(op, clamp), "bank_gradients": bool(bank_gradients)},
+                              "clamp": check_clamp(op, clamp), "bank_gradients": bool(bank_gradients),
+                              **_maximiser(op, direction, steps)},
                          loss_fn=loss_fn, output=output, compile=compile)
 
     def forward(self, model: nn.Module, x: Tensor, y: Tensor, *, scaler=None) -> Tensor:
@@ -143,16 +157,18 @@ class ATERLoss(_SettingsModule):
 
 class VATERLoss(_SettingsModule):
     """``criterion(model, x_l, y_l, x_ul)`` = :func:`ater_ext.objectives.vater_loss`'s loss
-    (Eq. 12, semi-supervised); ``forward(model, x_l, y_l, x_ul, *, scaler=None)``."""
+    (Eq. 12, semi-supervised); ``forward(model, x_l, y_l, x_ul, *, scaler=None)``.
+    ``direction`` / ``steps`` as in :class:`ATERLoss`."""
 
     def __init__(self, eps_vat: float = 2.0, eps: float = 2.0, lam: float = 0.1, *, xi: Optional[float] = None,
                  xi_vat: Optional[float] = None, ip: int = 1, loss_fn: Optional[LossFn] = None, clamp=None,
-                 compile: Union[bool, str] = False, output: OutputSpec = None):
+                 compile: Union[bool, str] = False, output: OutputSpec = None, direction: str = "fd",
+                 steps: int = 1):
         op = "VATERLoss"
         super().__init__(op, {"eps_vat": check_positive(op, "eps_vat", eps_vat), "eps": check_positive(op, "eps", eps),
                               "lam": check_lam(op, lam), "xi": _positive_or_none(op, "xi", xi),
                               "xi_vat": _positive_or_none(op, "xi_vat", xi_vat), "ip": objectives.check_ip(op, ip),
-                              "clamp": check_clamp(op, clamp)},
+                              "clamp": check_clamp(op, clamp), **_maximiser(op, direction, steps)},
                          loss_fn=loss_fn, output=output, compile=compile)
 
     def forward(self, model: nn.Module, x_l: Tensor, y_l: Tensor, x_ul: Tensor, *, scaler=None) -> Tensor:

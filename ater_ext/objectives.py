@@ -19,8 +19,9 @@ from torch import Tensor, nn
 
 from . import attacks, ops
 from .checks import check_clamp, check_grad_mode, check_lam, check_nonnegative
-from .energy import (accumulation_dtype, check_batch, check_positive, check_trainable, clamp_to, default_xi,
-                     fd_x_max, grad_scale_of, penalty_value, resolve_loss_fn)
+from .energy import (DIRECTIONS, accumulation_dtype, check_batch, check_choice, check_positive, check_steps,
+                     check_trainable, clamp_to, default_xi, grad_scale_of, penalty_value, resolve_loss_fn,
+                     x_max_from_grad, xmax_stats)
 from .gradient_bank import GradientBank, banked_term, owned_gradients
 from .outputs import OutputSpec, resolve_output
 from .passes import ExtraPasses, LossFn, is_capturing
@@ -85,12 +86,22 @@ class _CleanForward:
         return g
 
 
-def _energy_from_grad(passes: ExtraPasses, x: Tensor, y: Tensor, g: Tensor, probe: Tensor, loss_fn: LossFn,
-                      eps: float, clamp, scaler) -> Tensor:
-    """energy_reg given pass 1's gradient and the probe: pass 2, Eq. 15, exact penalty."""
-    xm = fd_x_max(passes, x, y, g, probe, loss_fn, eps, clamp)
-    return penalty_value(passes, xm, y, loss_fn, kind="exact", fd_h=1e-2, reduction="mean",
-                         grad_scale=grad_scale_of(scaler))
+def _energy_from_grad(passes: ExtraPasses, x: Tensor, y: Tensor, g: Tensor, probe: Tensor, loss_fn: LossFn, *,
+                      eps: float, xi: float, direction: str, steps: int, clamp, scaler) -> Tuple[Tensor, Tensor]:
+    """``(energy_reg, xmax_grad_ratio)`` given pass 1's gradient and the probe:
+    ``x_max`` (Eq. 15 by default: pass 2, one fused launch), the exact penalty,
+    and the quality ratio ``mean ||grad_x L(x_max)|| / mean ||g||`` from the
+    norms already computed (:func:`ater_ext.energy.xmax_stats`)."""
+    xm = x_max_from_grad(passes, x, y, g, probe, loss_fn, eps=eps, xi=xi, direction=direction, steps=steps,
+                         clamp=clamp)
+    energy, norms = penalty_value(passes, xm, y, loss_fn, kind="exact", fd_h=1e-2, reduction="mean",
+                                  grad_scale=grad_scale_of(scaler))
+    return energy, xmax_stats(g, norms)["xmax_grad_ratio"]
+
+
+def _check_maximiser(op: str, direction: str, steps: int) -> Tuple[str, int]:
+    check_choice(op, "direction", direction, DIRECTIONS)
+    return direction, check_steps(op, steps)
 
 
 def _vat_term(passes: ExtraPasses, x: Tensor, clean_logits: Tensor, d: Tensor, *, eps_vat: float,
@@ -176,7 +187,7 @@ def vat_loss(model: nn.Module, x: Tensor, *, eps_vat: float = 2.0, xi_vat: Optio
 def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, eps: float = 2.0,
               lam: float = 0.1, xi: Optional[float] = None, loss_fn: Optional[LossFn] = None,
               clamp=None, scaler=None, compile: Union[bool, str] = False, output: OutputSpec = None,
-              bank_gradients: bool = True) -> Tuple[Tensor, Stats]:
+              bank_gradients: bool = True, direction: str = "fd", steps: int = 1) -> Tuple[Tensor, Stats]:
     """ATER, Eq. 11 / Algorithm 1: ``L(x) + L(x_adv) + lam * energy_reg``.
 
     One clean forward; its graph gives the pass-1 gradient ``g`` (no separate
@@ -188,6 +199,13 @@ def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, e
     ``compile``: run pass 2 through ``torch.compile`` (see :func:`ater_ext.x_max`).
     ``output``: where the logits are in the model's output. ``bank_gradients``
     as in :func:`at_loss` (``False`` for a twice-differentiable loss).
+    ``direction`` / ``steps``: the maximiser of ``x_max``, as in :func:`ater_ext.x_max`
+    (the default ``"fd"``, ``1`` is the paper's algorithm above).
+
+    ``stats``: ``loss``, ``ce``, ``adv``, ``energy`` and ``xmax_grad_ratio``
+    ``= mean_i ||grad_x L(x_max_i)|| / mean_i ||grad_x L(x_i)||``, free (both
+    norms are computed anyway): about 1 means ``x_max`` is no better than a
+    random point of the sphere (``ater-train`` logs it as ``train_xmax_grad_ratio``).
     """
     op = "ater_loss"
     check_batch(op, x, y)
@@ -196,6 +214,7 @@ def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, e
     lam = check_lam(op, lam)
     xi = check_positive(op, "xi", default_xi(x.dtype) if xi is None else xi, x.dtype)
     clamp = check_clamp(op, clamp)
+    direction, steps = _check_maximiser(op, direction, steps)
     check_trainable(op, model)
     loss_fn = resolve_loss_fn(loss_fn, op)
     clean = _CleanForward(op, model, x, output)
@@ -206,7 +225,8 @@ def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, e
         x_adv, probe = ops.dual_normalized_step(x.detach().to(g.dtype), g, eps_adv, xi)
         adv = banked_term(bank, loss_fn(passes.forward(clamp_to(x_adv, clamp).to(x.dtype), detach_params=False),
                                         y, reduction="mean"))
-        energy = _energy_from_grad(passes, x, y, g, clamp_to(probe, clamp), loss_fn, eps, clamp, scaler)
+        energy, ratio = _energy_from_grad(passes, x, y, g, clamp_to(probe, clamp), loss_fn, eps=eps, xi=xi,
+                                          direction=direction, steps=steps, clamp=clamp, scaler=scaler)
     # The penalty's gradients are not banked: autograd.grad would skip the input
     # gradient at x_max (one first-layer matmul, ~3 % of an MLP step) but holds
     # all of them at once: the MNIST MLP's step then peaked 4 % above the naive
@@ -214,14 +234,14 @@ def ater_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps_adv: float = 2.0, e
     # The caller's backward skips that matmul with backward_into_parameters.
     head = ce + adv if bank is None else bank.loss(ce + adv)
     loss = head + lam * energy
-    return loss, detached_stats(loss=loss, ce=ce, adv=adv, energy=energy)
+    return loss, detached_stats(loss=loss, ce=ce, adv=adv, energy=energy, xmax_grad_ratio=ratio)
 
 
 def vater_loss(model: nn.Module, x_l: Tensor, y_l: Tensor, x_ul: Tensor, *, eps_vat: float = 2.0,
                eps: float = 2.0, lam: float = 0.1, xi: Optional[float] = None, ip: int = 1,
                xi_vat: Optional[float] = None, loss_fn: Optional[LossFn] = None,
                clamp=None, scaler=None, compile: Union[bool, str] = False,
-               output: OutputSpec = None) -> Tuple[Tensor, Stats]:
+               output: OutputSpec = None, direction: str = "fd", steps: int = 1) -> Tuple[Tensor, Stats]:
     """VATER, Eq. 12 / Algorithm 2 (semi-supervised):
     ``L(x_l) + VAT(x_l ∪ x_ul) + lam * energy_reg(x_l ∪ x_ul)``.
 
@@ -231,8 +251,9 @@ def vater_loss(model: nn.Module, x_l: Tensor, y_l: Tensor, x_ul: Tensor, *, eps_
     term (the paper's ``grad_x f`` is undefined for a vector output; a soft
     self-target would have zero gradient at ``x``). VAT's start direction is
     ``randn_like(x)``, this function's first random draw. ``scaler``,
-    ``compile`` and ``output`` as in :func:`ater_loss`. The loss is twice
-    differentiable (no banked gradients).
+    ``compile``, ``output``, ``direction`` and ``steps`` as in :func:`ater_loss`,
+    and its ``xmax_grad_ratio`` in the stats (over the union batch). The loss is
+    twice differentiable (no banked gradients).
     """
     op = "vater_loss"
     check_batch(op, x_l, y_l)
@@ -248,6 +269,7 @@ def vater_loss(model: nn.Module, x_l: Tensor, y_l: Tensor, x_ul: Tensor, *, eps_
     ip = check_ip(op, ip)
     lam = check_lam(op, lam)
     clamp = check_clamp(op, clamp)
+    direction, steps = _check_maximiser(op, direction, steps)
     check_trainable(op, model)
     loss_fn = resolve_loss_fn(loss_fn, op)
     n_l = x_l.shape[0]
@@ -260,10 +282,11 @@ def vater_loss(model: nn.Module, x_l: Tensor, y_l: Tensor, x_ul: Tensor, *, eps_
         vat = _vat_term(passes, x, clean.logits, d, eps_vat=eps_vat, xi_vat=xi_vat, ip=ip)
         g = clean.input_grad(passes, per_sample, y, loss_fn)
         probe = clamp_to(ops.normalized_step(x.detach().to(g.dtype), g, xi), clamp)
-        energy = _energy_from_grad(passes, x, y, g, probe, loss_fn, eps, clamp, scaler)
+        energy, ratio = _energy_from_grad(passes, x, y, g, probe, loss_fn, eps=eps, xi=xi, direction=direction,
+                                          steps=steps, clamp=clamp, scaler=scaler)
     ce = per_sample[:n_l].mean()
     loss = ce + vat + lam * energy
-    return loss, detached_stats(loss=loss, ce=ce, vat=vat, energy=energy)
+    return loss, detached_stats(loss=loss, ce=ce, vat=vat, energy=energy, xmax_grad_ratio=ratio)
 
 
 # ---------------------------------------------------------------- baselines
@@ -279,12 +302,6 @@ def check_norm(op: str, norm: str) -> str:
     if norm not in BASELINE_NORMS:
         raise ValueError(f"ater_ext.{op}: norm must be one of {list(BASELINE_NORMS)}, got {norm!r}")
     return norm
-
-
-def check_steps(op: str, steps: int) -> int:
-    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
-        raise ValueError(f"ater_ext.{op}: steps must be an integer >= 1, got {steps!r}")
-    return int(steps)
 
 
 def _attack(norm: str):

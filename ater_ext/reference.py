@@ -558,3 +558,67 @@ def ref_fgsm_rs_loss(model, x, y, *, eps: float, alpha: Optional[float] = None, 
     alpha = 1.25 * eps if alpha is None else alpha
     x_adv = ref_pgd(model, x, y, eps, norm="linf", steps=1, step_size=alpha, loss=_ce_per_sample, start=start)
     return F.cross_entropy(model(x_adv), y)
+
+
+# ------------------------------------------------------------- x_max ascent
+__all__ += ["ref_x_max_steps", "ref_grad_norms"]
+
+
+def ref_grad_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Optional[Callable] = None
+                   ) -> torch.Tensor:
+    """``[B]``: ``||grad_x L(x_i, y_i)||`` of the summed loss (buffers untouched), in the accumulation dtype."""
+    g, _ = _input_grad(model, x, y, _loss_fn(loss_fn))
+    return _rows(g).norm(dim=1)
+
+
+def ref_x_max_steps(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float = 2.0,
+    xi: Optional[float] = None,
+    loss_fn: Optional[Callable] = None,
+    direction: str = "fd",
+    steps: int = 1,
+    step: Optional[float] = None,
+    clamp: Optional[Tuple[float, float]] = None,
+) -> torch.Tensor:
+    """``x_max`` with ``steps`` steps of ascent (models without random layers)::
+
+        z_1 = ref_x_max(...)                                   (the one-step point)
+        for t = 1 .. k-1:
+            g_t = grad_x L(z_t),   u_t = normalize(g_t)
+            d_t = grad_x L(z_t + xi u_t) - g_t        (fd)     or  H(z_t) u_t  (hvp)
+            z_{t+1} = x + eps * normalize(z_t + step * normalize(d_t) - x)   (back onto the sphere)
+        x_max_i = the z_t (t = 1 .. k) of largest ||grad_x L(z_t)_i||   (first one on ties)
+
+    ``step`` defaults to ``eps``. ``clamp`` clamps every probe and point.
+    """
+    loss_fn = _loss_fn(loss_fn)
+    xi = default_xi(x.dtype) if xi is None else float(xi)
+    step = float(eps) if step is None else float(step)
+    z = ref_x_max(model, x, y, eps=eps, xi=xi, loss_fn=loss_fn, direction=direction, clamp=clamp)
+    best, best_norm = None, None
+    for t in range(steps):
+        more = t < steps - 1
+        gz, zr = _input_grad(model, z, y, loss_fn, create_graph=more and direction == "hvp")
+        norm = _rows(gz.detach()).norm(dim=1)
+        if best is None:
+            best, best_norm = z, norm
+        else:
+            better = norm > best_norm
+            best = torch.where(better.reshape((-1,) + (1,) * (z.dim() - 1)), z, best)
+            best_norm = torch.where(better, norm, best_norm)
+        if not more:
+            break
+        if direction == "hvp":
+            u = normalize(gz.detach()).reshape(gz.shape).to(gz.dtype)
+            (d,) = torch.autograd.grad((gz * u).sum(), zr)
+            d = _rows(d)
+        else:
+            g2, _ = _input_grad(model, _move(z, gz, xi, clamp), y, loss_fn)
+            d = _rows(g2) - _rows(gz.detach())
+        moved = _step(z, normalize(d), step)
+        z = _move(x, (_rows(moved) - _rows(x)).reshape(x.shape), eps, clamp)
+    return best.detach()
