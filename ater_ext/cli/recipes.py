@@ -35,7 +35,7 @@ RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 # ater-train options that describe a machine or an invocation, not an experiment
 NOT_IN_RECIPES = frozenset({"help", "config", "out", "resume", "overwrite", "stop_after", "device", "data_dir",
-                            "quiet", "tensorboard"})
+                            "quiet", "tensorboard", "no_verify_checksums"})
 # lower bounds of the integer options (argparse's plain int type checks none)
 INT_MIN = {"epochs": 1, "batch_size": 1, "ul_batch_size": 1, "labels": 1, "val_size": 0, "steps": 1,
            "decay_start": 0, "updates_per_epoch": 1, "select_subset": 1}

@@ -31,6 +31,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import robustness
+from ..data import load_dataset
+from ..models import build_model
 from . import plots, recipes, train
 from .common import (CliError, load_checkpoint, log, machine_name, pick_device, run_cli, spread_subset, write_csv,
                      write_json, write_text)
@@ -67,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the robust accuracy (tables hold test errors only)")
     p.add_argument("--eval-limit", type=int, default=None, help="test images attacked per run (default: the recipe's)")
     p.add_argument("--quiet", action="store_true", help="passed to ater-train: no per-epoch lines, no bars")
+    p.add_argument("--no-verify-checksums", action="store_true",
+                   help="passed to ater-train, and used by the evaluation: no MD5 check of CIFAR-10 / SVHN files")
     return p
 
 
@@ -144,10 +148,21 @@ class Run:
             return json.load(f)
 
 
-def evaluate_run(run: Run, data_dir: Optional[str], device: torch.device, limit: Optional[int]) -> dict:
-    """The run's robust accuracy (``OUT/.../robust.json``, reused when it matches best.pt's epoch)."""
-    from .targets import from_checkpoint  # ater-eval's checkpoint loader (builds the model with its preprocessing)
+def _load_best(path: str, data_dir: Optional[str], device: torch.device, verify_checksums: bool):
+    """best.pt's model (with its preprocessing layer, grown from the state_dict) in eval mode, and its data."""
+    state = load_checkpoint(path)
+    cfg = state["config"]
+    data = load_dataset(cfg["dataset"], data_dir if data_dir is not None else cfg.get("data_dir"),
+                        verify_checksums=verify_checksums)
+    model = build_model(cfg["model"], data.input_shape, data.num_classes)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), data
 
+
+def evaluate_run(run: Run, data_dir: Optional[str], device: torch.device, limit: Optional[int], *,
+                 verify_checksums: bool = True) -> dict:
+    """The run's robust accuracy (``OUT/.../robust.json``, reused when it matches best.pt's epoch and the
+    recipe's [eval])."""
     spec = {**EVAL_DEFAULTS, **run.recipe.eval}
     if limit is not None:
         spec["limit"] = limit
@@ -160,14 +175,13 @@ def evaluate_run(run: Run, data_dir: Optional[str], device: torch.device, limit:
             old = json.load(f)
         if (old.get("epoch") == best_epoch and old.get("spec") == {**spec, "eps_list": eps_list}):
             return old
-    target = from_checkpoint(best, data_dir, device)
-    data = target.data
+    model, data = _load_best(best, data_dir, device, verify_checksums)
     n = min(int(spec["limit"]), len(data.x_test))
     idx = spread_subset(len(data.x_test), n)
     x, y = data.x_test[idx], data.y_test[idx]
     curve = []
     for eps in eps_list:
-        acc = robustness.attack_accuracy(target.model, x, y, spec["attack"], eps, steps=int(spec["steps"]),
+        acc = robustness.attack_accuracy(model, x, y, spec["attack"], eps, steps=int(spec["steps"]),
                                          device=device)
         curve.append({"eps": eps, "accuracy": acc})
     headline = next(p["accuracy"] for p in curve if p["eps"] == float(spec["eps"]))
@@ -256,7 +270,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise CliError(f"--eval-limit must be >= 1, got {args.eval_limit}")
     seeds = _int_list(args.seeds, "seeds")
     passed = [*(["--data-dir", args.data_dir] if args.data_dir else []),
-              *(["--device", args.device] if args.device else []), *(["--quiet"] if args.quiet else []), *extra]
+              *(["--device", args.device] if args.device else []), *(["--quiet"] if args.quiet else []),
+              *(["--no-verify-checksums"] if args.no_verify_checksums else []), *extra]
     parser = train.build_parser()
     runs: List[Run] = []
     for spec in args.recipes:
@@ -290,7 +305,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.no_eval and finished:
         device = pick_device(args.device)
         for run in finished:
-            evals[run.dir] = evaluate_run(run, args.data_dir, device, args.eval_limit)
+            evals[run.dir] = evaluate_run(run, args.data_dir, device, args.eval_limit,
+                                          verify_checksums=not args.no_verify_checksums)
     os.makedirs(args.out, exist_ok=True)
     aggregate(finished, evals, args.out)
     return 0

