@@ -55,7 +55,7 @@ class ZCA(nn.Module):
     ``mean``: ``[D]``, ``matrix``: ``[D, D]`` (symmetric), both buffers: saved
     in the ``state_dict``, moved by ``.to()``, never trained.
 
-    x: [B, C, H, W] with C*H*W = D   out: [B, C, H, W]
+    x: [B, C, H, W] with C*H*W = D   out: [B, C, H, W] (fp32, or fp64 for fp64 inputs, also under autocast)
     """
 
     def __init__(self, mean: Tensor, matrix: Tensor):
@@ -71,7 +71,10 @@ class ZCA(nn.Module):
         if flat.shape[1] != self.zca_mean.numel():
             raise ValueError(f"ZCA: inputs have {flat.shape[1]} features per sample, the whitening was fitted on "
                              f"{self.zca_mean.numel()}")
-        z = (flat - self.zca_mean.to(flat.dtype)) @ self.zca_matrix.to(flat.dtype)
+        # fp32 (fp64 for fp64 inputs) also under autocast: the gains reach ~1e3, too much for fp16
+        dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            z = (flat.to(dtype) - self.zca_mean.to(dtype)) @ self.zca_matrix.to(dtype)
         return z.reshape(x.shape)
 
     def extra_repr(self) -> str:
