@@ -313,3 +313,16 @@ def test_mnist5k_recipe_end_to_end(tmp_path, capsys):
     again = resolve(["--config", out / "config.toml", "--device", "cpu", "--out", out])
     saved = {k: v for k, v in read_metrics(out)["config"].items() if k not in ("machine", "torch")}
     assert again == train.TrainConfig(**saved)
+
+
+def test_mnist_recipe_end_to_end_on_synthetic_idx_files(tmp_path, capsys):
+    from test_cli import write_mnist  # torchvision's MNIST layout, a learnable toy
+
+    write_mnist(tmp_path / "data", n_train=60, n_test=20)
+    out = tmp_path / "run"
+    rc, _, err = train_cli(["--config", "mnist", "--method", "vater", "--data-dir", tmp_path / "data", "--epochs", "1",
+                            "--updates-per-epoch", "1", "--val-size", "10", "--select-subset", "5", "--device", "cpu",
+                            "--out", out], capsys)
+    assert rc == 0, err
+    m = read_metrics(out)
+    assert m["finished"] and m["config"]["recipe"] == "mnist" and m["config"]["lam"] == 0.1
