@@ -22,7 +22,7 @@ How a whitened-space radius maps to pixel space is measured on the data by
   directions, exactly in mean square). The recipes use this one (see
   ``ater_ext/recipes/cifar10*.toml``).
 
-``python -m ater_ext.preprocessing --dataset cifar10 --data-dir DIR`` prints the
+``python -m ater_ext.cli.whitening --dataset cifar10 --data-dir DIR`` prints the
 three for a dataset.
 
 :func:`augment` is the VAT code's augmentation (random translation by up to 2
@@ -32,9 +32,8 @@ run replays it.
 """
 from __future__ import annotations
 
-import argparse
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -201,31 +200,3 @@ def augment(x: Tensor, kinds: str, generator: torch.Generator) -> Tensor:
         flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
         x = torch.where(flip.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
     return x
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Print the whitening gains of a dataset (``python -m ater_ext.preprocessing``)."""
-    from .data import DATASETS, load_dataset
-
-    p = argparse.ArgumentParser(prog="python -m ater_ext.preprocessing", description=main.__doc__)
-    p.add_argument("--dataset", choices=DATASETS, default="cifar10")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--zca-eps", type=float, default=0.0)
-    p.add_argument("--whitened-eps", type=float, default=8.0, help="a whitened-space radius to convert")
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-    data = load_dataset(args.dataset, args.data_dir)
-    layer = fit_zca(data.x_train, eps=args.zca_eps, device=torch.device(args.device))
-    r = whitening_radii(layer, data.x_train)
-    e = args.whitened_eps
-    print(f"{args.dataset}: {len(data.x_train)} training images, D = {layer.zca_mean.numel()}")
-    print(f"  ||W||_2 = {r['op_norm']:.4g}: pixel radius inside the whitened ball of {e:g}: {e / r['op_norm']:.4g}")
-    print(f"  ||W^-1||_2 = {r['inv_op_norm']:.4g}: pixel ball holding the whitened ball: {e * r['inv_op_norm']:.4g}")
-    print(f"  ||W^-1||_F / sqrt(D) = {r['isotropic']:.4g}: pixel length of an isotropic whitened "
-          f"perturbation of {e:g}: {e * r['isotropic']:.4g}")
-    print(f"  median ||x - m|| / ||W (x - m)|| = {r['data_ratio']:.4g}: {e * r['data_ratio']:.4g}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

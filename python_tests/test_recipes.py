@@ -198,6 +198,9 @@ def test_zca_matches_vat_tf_formula_and_whitens():
     assert radii["op_norm"] == pytest.approx(sv.max(), rel=1e-6)
     assert radii["inv_op_norm"] == pytest.approx(1 / sv.min(), rel=1e-6)
     assert radii["isotropic"] == pytest.approx(np.linalg.norm(np.linalg.inv(got)) / np.sqrt(48), rel=1e-6)
+    # the recipes' mapping: that gain is the data's RMS per-pixel standard deviation
+    rms = x.view(600, -1).var(0, unbiased=False).mean().sqrt()
+    assert radii["isotropic"] == pytest.approx(float(rms), rel=1e-4)
 
 
 def test_zca_with_fewer_images_than_pixels_needs_eps():

@@ -52,7 +52,7 @@ EVAL_DEFAULTS = {"attack": "pgd-l2", "eps": 2.0, "steps": 10, "limit": 1000}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ater-sweep", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="ater-sweep", description=__doc__.splitlines()[0].replace("``", ""),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="Flags after -- are passed to every ater-train run.")
     p.add_argument("recipes", nargs="+", metavar="RECIPE",

@@ -52,7 +52,7 @@ NORMS = ("l2", "linf")
 # * cifar10: 2.0 = vat_tf's 8.0 in ZCA-whitened space (with flip + translation) times the isotropic gain
 #   ||W^-1||_F / sqrt(D) = RMS per-pixel std of the data (ater_ext.preprocessing.whitening_radii), 0.245 for
 #   CIFAR-10 (its channel stds 0.247 / 0.243 / 0.261); UNCONFIRMED: not measured here (no CIFAR-10 files on this
-#   machine); `python -m ater_ext.preprocessing --data-dir DIR` measures it.
+#   machine); `python -m ater_ext.cli.whitening --data-dir DIR` measures it.
 DEFAULT_RADIUS = {"mnist-5k": 2.0, "mnist": 2.0, "fashion-mnist": 2.0, "digits": 0.84, "svhn": 3.5, "cifar10": 2.0}
 RADIUS_PROVENANCE = ("mnist/mnist-5k/fashion-mnist 2.0 (the paper's MNIST eps), digits 0.84 (MNIST's 2.0 x the ratio "
                      "of median image norms, 3.88 / 9.21), svhn 3.5 (vat_tf's SVHN eps, pixel space), cifar10 2.0 "
