@@ -23,16 +23,23 @@ for images ``[B, C, H, W]`` and returns logits ``[B, num_classes]``:
     is computed here, no lazy modules.
 
 The models take the data as :mod:`ater_ext.data` gives it (pixels in
-``[0, 1]``); there is no normalisation layer.
+``[0, 1]``). Each has a ``preprocess`` slot at its front, ``nn.Identity()``
+unless a fixed preprocessing layer (:mod:`ater_ext.preprocessing`, e.g. ZCA
+whitening) is put there with :func:`set_preprocess`; its buffers are part of the
+``state_dict``, and a model built without one grows it when it loads a
+``state_dict`` that has one, so ``build_model(...).load_state_dict(ckpt)``
+works for either kind of checkpoint.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from torch import nn
 
-__all__ = ["MODELS", "build_model", "default_model", "MLP", "ConvLarge", "LeNet"]
+from . import preprocessing
+
+__all__ = ["MODELS", "build_model", "default_model", "set_preprocess", "MLP", "ConvLarge", "LeNet"]
 
 MODELS = ("mlp", "conv-large", "lenet")
 
@@ -73,6 +80,32 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int) -> nn.M
     raise ValueError(f"build_model: unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 
+def set_preprocess(model: nn.Module, layer: Optional[nn.Module]) -> nn.Module:
+    """Put the fixed preprocessing ``layer`` (None: none) at the front of a
+    model of :data:`MODELS`; returns the model."""
+    if not isinstance(model, _Preprocessed):
+        raise ValueError(f"set_preprocess: {type(model).__name__} is not one of ater_ext's models")
+    model.preprocess = nn.Identity() if layer is None else layer
+    return model
+
+
+class _Preprocessed(nn.Module):
+    """A model with a ``preprocess`` slot (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.preprocess: nn.Module = nn.Identity()
+        self.register_load_state_dict_pre_hook(_grow_preprocess)
+
+
+def _grow_preprocess(module: _Preprocessed, state_dict, prefix, *args) -> None:
+    """Load-time hook: a state_dict with preprocessing buffers gives the model that layer first."""
+    if isinstance(module.preprocess, nn.Identity):
+        layer = preprocessing.from_state_dict(state_dict, prefix + "preprocess.")
+        if layer is not None:
+            module.preprocess = layer.to(next(iter(module.parameters())).device)
+
+
 def _check_shape(name: str, input_shape: Sequence[int]) -> Tuple[int, int, int]:
     try:
         shape = tuple(int(s) for s in input_shape)
@@ -85,7 +118,7 @@ def _check_shape(name: str, input_shape: Sequence[int]) -> Tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-class MLP(nn.Module):
+class MLP(_Preprocessed):
     """flatten -> [Linear -> BatchNorm1d -> ReLU] x 4 (1200, 600, 300, 150) -> Linear.
 
     x: [B, C, H, W] (or anything with ``prod(input_shape)`` features per row)  out: [B, num_classes]
@@ -104,14 +137,14 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
-        return self.net(x)
+        return self.net(self.preprocess(x))
 
 
 def _conv_bn_lrelu(c_in: int, c_out: int, k: int, pad: int) -> list:
     return [nn.Conv2d(c_in, c_out, k, padding=pad, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.1)]
 
 
-class ConvLarge(nn.Module):
+class ConvLarge(_Preprocessed):
     """conv-large of Miyato et al. (2018); see the module docstring.
 
     x: [B, C, H, W] with H, W >= 12  out: [B, num_classes]
@@ -134,10 +167,10 @@ class ConvLarge(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
-        return self.net(x)
+        return self.net(self.preprocess(x))
 
 
-class LeNet(nn.Module):
+class LeNet(_Preprocessed):
     """LeNet-5-style CNN; see the module docstring.
 
     x: [B, C, H, W] with H, W >= 4  out: [B, num_classes]
@@ -164,4 +197,4 @@ class LeNet(nn.Module):
         )
 
     def forward(self, x):
-        return self.classifier(self.features(x))
+        return self.classifier(self.features(self.preprocess(x)))

@@ -57,6 +57,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    value = float(text)
+    if not (np.isfinite(value) and value >= 0):
+        raise ValueError(f"must be finite and >= 0, got {text}")
+    return value
+
+
 def float_list(text: str) -> List[float]:
     """argparse type: comma-separated non-negative floats."""
     values = [float(v) for v in text.split(",") if v.strip()]

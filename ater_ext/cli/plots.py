@@ -71,3 +71,60 @@ def plot_robustness(results: List[Dict[str, object]], path: str) -> None:
     fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 3), 1, 1))
     save_figure(fig, path, dpi=120)
     plt.close(fig)
+
+
+def plot_curves(history: List[Dict[str, float]], path: str, *, title: str = "", best_epoch: int = 0) -> None:
+    """One run's training curves (``OUT/curves.png``): the training losses per
+    epoch (left) and the test / validation error and the validation robust
+    error (right, %), the selected epoch marked; written atomically."""
+    epochs = [int(r["epoch"]) for r in history]
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(9, 3.6))
+    loss_keys = list(dict.fromkeys(k for r in history for k in r if k.startswith("train_") and k != "train_seconds"))
+    for key in loss_keys:
+        ax_loss.plot(epochs, [r.get(key, np.nan) for r in history], marker=".", label=key[len("train_"):])
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss (mean over the epoch)")
+    ax_loss.grid(alpha=0.3)
+    if loss_keys:
+        ax_loss.legend(fontsize=7)
+    series = [("test_error", "test error"), ("val_error", "validation error")]
+    for key, label in series:
+        if any(key in r for r in history):
+            ax_err.plot(epochs, [r.get(key, np.nan) for r in history], marker=".", label=label)
+    if any("val_robust_acc" in r for r in history):
+        ax_err.plot(epochs, [100 - r.get("val_robust_acc", np.nan) for r in history], marker=".",
+                    label="validation PGD error")
+    if best_epoch:
+        ax_err.axvline(best_epoch, color="grey", linestyle=":", label=f"best.pt (epoch {best_epoch})")
+    ax_err.set_xlabel("epoch")
+    ax_err.set_ylabel("error (%)")
+    ax_err.grid(alpha=0.3)
+    ax_err.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+    plt.close(fig)
+
+
+def plot_sweep(rows: List[Dict[str, object]], path: str, *, title: str = "") -> None:
+    """``ater-sweep``'s bar chart: test error mean +- std (error bars, n seeds)
+    per method of one recipe, the paper's value beside each bar as a marker."""
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * max(1, len(rows)), 3.8))
+    xs = np.arange(len(rows))
+    means = [float(r["test_error_mean"]) for r in rows]
+    stds = [float(r["test_error_std"]) if r["n"] > 1 else 0.0 for r in rows]
+    ax.bar(xs, means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8, label="ours: mean +- std over seeds")
+    paper = [(x, float(r["paper"])) for x, r in zip(xs, rows) if r.get("paper") not in (None, "")]
+    if paper:
+        ax.scatter([p[0] for p in paper], [p[1] for p in paper], marker="D", color="tab:red", zorder=3,
+                   label="paper")
+    ax.set_xticks(xs, [f"{str(r['method']).upper()}\n(n={r['n']})" for r in rows], fontsize=8)
+    ax.set_ylabel("test error (%)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
