@@ -72,7 +72,7 @@ def test_objectives_with_a_grad_scaler_train():
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-    assert set(stats) == {"loss", "ce", "adv", "energy"}
+    assert set(stats) == {"loss", "ce", "adv", "energy", "xmax_grad_ratio"}
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # steps were taken
 

@@ -14,10 +14,13 @@ from _cli_common import DIGITS, assert_argparse_error, assert_one_line_error, ev
 TINY = [*DIGITS, "--epochs", "1", "--val-size", "100", "--select-subset", "20"]
 
 
+DIGITS_L2 = train.default_eps_adv("digits", "l2")  # the dataset-aware L2 radius
+
+
 @pytest.mark.parametrize("method, extra, stat, norm, eps", [
-    ("pgd-at", ["--steps", "2"], "train_adv", "l2", 2.0),
+    ("pgd-at", ["--steps", "2"], "train_adv", "l2", DIGITS_L2),
     ("pgd-at", ["--norm", "linf", "--steps", "2"], "train_adv", "linf", 0.3),
-    ("trades", ["--steps", "2", "--beta", "3"], "train_kl", "l2", 2.0),
+    ("trades", ["--steps", "2", "--beta", "3"], "train_kl", "l2", DIGITS_L2),
     ("fgsm-rs", [], "train_adv", "linf", 0.3),
 ])
 def test_baseline_trains_and_records_its_settings(tmp_path, capsys, method, extra, stat, norm, eps):
@@ -51,7 +54,8 @@ def test_objective_dispatch_is_the_library_loss():
 
 def test_defaults_per_norm():
     parse = train.build_parser().parse_args
-    assert train.config_from_args(parse(["--method", "pgd-at", *DIGITS])).eps_adv == 2.0
+    assert train.config_from_args(parse(["--method", "pgd-at", *DIGITS])).eps_adv == DIGITS_L2
+    assert train.config_from_args(parse(["--method", "pgd-at", "--dataset", "mnist-5k"])).eps_adv == 2.0
     assert train.config_from_args(parse(["--method", "fgsm-rs", *DIGITS])).eps_adv == 0.3
     cfg = train.config_from_args(parse(["--method", "trades", "--norm", "linf", "--dataset", "cifar10"]))
     assert cfg.eps_adv == pytest.approx(8 / 255) and (cfg.steps, cfg.beta) == (10, 6.0)

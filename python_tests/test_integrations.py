@@ -174,7 +174,7 @@ def test_module_form_readme_snippet_runs(capsys):
     namespace = run_snippet("Module forms")
     out = capsys.readouterr().out
     assert "ATERLoss(eps_adv=2.0, eps=2.0, lam=0.1" in out
-    assert "['adv', 'ce', 'energy', 'loss']" in out
+    assert "['adv', 'ce', 'energy', 'loss', 'xmax_grad_ratio']" in out
     assert isinstance(namespace["criterion"], nn.Module)
 
 

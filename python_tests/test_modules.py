@@ -34,7 +34,7 @@ def test_modules_equal_their_functions(kind):
     crit = ater_ext.ATERLoss(1.0, 1.5, 0.5, xi=1e-5)
     _same(lambda: crit(model, x, y), lambda: O.ater_loss(model, x, y, eps_adv=1.0, eps=1.5, lam=0.5, xi=1e-5)[0],
           model, "ATERLoss")
-    assert sorted(crit.last_stats) == ["adv", "ce", "energy", "loss"]
+    assert sorted(crit.last_stats) == ["adv", "ce", "energy", "loss", "xmax_grad_ratio"]
     _same(lambda: ater_ext.VATERLoss(lam=0.3)(model, x[:6], y[:6], x[6:]),
           lambda: O.vater_loss(model, x[:6], y[:6], x[6:], lam=0.3)[0], model, "VATERLoss")
 
@@ -77,5 +77,5 @@ def test_train_step_reports_a_module_s_stats():
     model, x, y = make("bn")
     step = ater_ext.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), ater_ext.ATERLoss(lam=0.1))
     loss = step(x, y)
-    assert sorted(step.last_stats) == ["adv", "ce", "energy", "loss"]
+    assert sorted(step.last_stats) == ["adv", "ce", "energy", "loss", "xmax_grad_ratio"]
     assert step.last_stats["loss"] == pytest.approx(float(loss))

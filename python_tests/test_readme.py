@@ -16,7 +16,7 @@ def _section_code(heading: str) -> str:
 def test_training_loop_snippet_runs(capsys):
     namespace: dict = {}
     exec(compile(_section_code("Use it in your training loop"), str(README), "exec"), namespace)
-    assert "['adv', 'ce', 'energy', 'loss']" in capsys.readouterr().out
+    assert "['adv', 'ce', 'energy', 'loss', 'xmax_grad_ratio']" in capsys.readouterr().out
     model = namespace["model"]
     # the snippet trained: every parameter received a gradient
     assert all(p.grad is not None and bool(p.grad.isfinite().all()) for p in model.parameters())

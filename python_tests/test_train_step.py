@@ -155,7 +155,7 @@ def test_last_stats_are_the_objectives_floats():
     step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), ater)
     assert step.last_stats is None
     loss = step(x, y)
-    assert set(step.last_stats) == {"loss", "ce", "adv", "energy"}
+    assert set(step.last_stats) == {"loss", "ce", "adv", "energy", "xmax_grad_ratio"}
     assert step.last_stats["loss"] == pytest.approx(float(loss))
     bare = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1),
                      lambda m, x, y: nn.functional.cross_entropy(m(x), y))
@@ -185,7 +185,7 @@ def capturing(monkeypatch):
 def test_stats_stay_tensors_during_capture(capturing):
     x, y = batches(1)[0]
     loss, stats = ater(bn_model(), x, y)
-    assert set(stats) == {"loss", "ce", "adv", "energy"}
+    assert set(stats) == {"loss", "ce", "adv", "energy", "xmax_grad_ratio"}
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in stats.values())
     torch.testing.assert_close(stats["loss"], loss.detach().float())
 
