@@ -1,5 +1,8 @@
-"""Loads the compiled extension (registering torch.ops.ater_ext.*) and checks
-that this CPU can run the SIMD code it was built for."""
+"""Loads the compiled extension (registering torch.ops.ater_ext.*), checks
+that this CPU can run the SIMD code it was built for, and applies the
+ATER_EXT_CUDA_LAYOUT environment variable (see ater_ext.ops.set_cuda_layout)."""
+import os
+
 import torch
 
 _SUPPORTED = {
@@ -25,3 +28,10 @@ if not _SUPPORTED[BUILD_CPU_ISA]():  # pragma: no cover - depends on the machine
         "rebuild for a lower one: ATER_EXT_CPU_ISA=avx512, avx2 or default "
         "`pip install --no-build-isolation -e .`"
     )
+
+_LAYOUT = os.environ.get("ATER_EXT_CUDA_LAYOUT")
+if _LAYOUT:
+    try:
+        _C.set_cuda_layout(_LAYOUT)
+    except ValueError:
+        raise ValueError(f"ater_ext: ATER_EXT_CUDA_LAYOUT must be 'rows' or 'adaptive', got {_LAYOUT!r}") from None

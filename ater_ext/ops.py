@@ -1,6 +1,6 @@
-"""Typed wrappers of the fused ops ``torch.ops.ater_ext.*``, with their fake
-kernels (shape propagation for meta tensors and torch.compile) and autograd
-formulas.
+"""Typed wrappers of the fused ops ``torch.ops.ater_ext.*``, with their autograd
+formulas (as autograd.Functions that torch.func can lift), vmap rules and the
+switch between the CUDA kernel layouts. Meta / fake kernels are C++.
 
 Rows are the leading dimension and every trailing dimension belongs to the row:
 a ``[B, C, H, W]`` batch is normalised per sample over ``C*H*W`` values. Norms
@@ -10,16 +10,31 @@ row of ``x`` unchanged instead of producing NaN.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _loader  # noqa: F401  (registers torch.ops.ater_ext)
+from . import _loader  # registers torch.ops.ater_ext
 
-__all__ = ["normalized_step", "dual_normalized_step", "fd_direction", "row_norm"]
+__all__ = ["normalized_step", "dual_normalized_step", "fd_direction", "row_norm", "CUDA_LAYOUTS",
+           "get_cuda_layout", "set_cuda_layout", "cuda_layout", "FUNCTIONS"]
 
 _ops = torch.ops.ater_ext
+
+
+def _functorch_active() -> bool:
+    """A torch.func transform (grad, vjp, jacrev, vmap, ...) is running (never while dynamo traces)."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
+def _call(name: str, *args):
+    """The op ``name``; under torch.func transforms through its autograd.Function, which
+    functorch lifts (it cannot lift one applied from inside the dispatcher)."""
+    if _functorch_active():
+        return FUNCTIONS[name].apply(*args)
+    return getattr(_ops, name)(*args)
 
 
 def normalized_step(x: Tensor, g: Tensor, scale: float, *, out: Optional[Tensor] = None) -> Tensor:
@@ -30,7 +45,10 @@ def normalized_step(x: Tensor, g: Tensor, scale: float, *, out: Optional[Tensor]
         g: ``[B, ...]`` directions (same shape, dtype and device as ``x``).
         scale: step length, finite and > 0.
         out: optional contiguous buffer of ``x``'s shape, dtype and device to
-            write into (may be ``x`` itself); not differentiable.
+            write into (may be ``x`` itself). As PyTorch's own ``out=``
+            functions: not differentiable, so refused (RuntimeError) while grad
+            mode is on and ``x``, ``g`` or ``out`` requires grad; ``out``'s
+            version counter is bumped, so autograd raises if a graph saved it.
 
     Gradients flow to ``x`` as the identity; ``g`` is treated as a constant
     (as the adversarial perturbation is in the paper), so none reaches it.
@@ -38,7 +56,7 @@ def normalized_step(x: Tensor, g: Tensor, scale: float, *, out: Optional[Tensor]
     if out is not None:
         _ops.normalized_step.out(x, g, float(scale), out=out)
         return out
-    return _ops.normalized_step(x, g, float(scale))
+    return _call("normalized_step", x, g, float(scale))
 
 
 def dual_normalized_step(x: Tensor, g: Tensor, scale_a: float, scale_b: float) -> Tuple[Tensor, Tensor]:
@@ -48,7 +66,7 @@ def dual_normalized_step(x: Tensor, g: Tensor, scale_a: float, scale_b: float) -
     finite-difference probe (``scale_b = xi``) from the same pass-1 gradient;
     this computes both in one launch. Gradients as in :func:`normalized_step`.
     """
-    return _ops.dual_normalized_step(x, g, float(scale_a), float(scale_b))
+    return _call("dual_normalized_step", x, g, float(scale_a), float(scale_b))
 
 
 def fd_direction(x: Tensor, g0: Tensor, g1: Tensor, eps: float, *, out: Optional[Tensor] = None) -> Tensor:
@@ -63,68 +81,66 @@ def fd_direction(x: Tensor, g0: Tensor, g1: Tensor, eps: float, *, out: Optional
     if out is not None:
         _ops.fd_direction.out(x, g0, g1, float(eps), out=out)
         return out
-    return _ops.fd_direction(x, g0, g1, float(eps))
+    return _call("fd_direction", x, g0, g1, float(eps))
 
 
 def row_norm(g: Tensor) -> Tensor:
     """``[B]`` per-row L2 norms of a ``[B, ...]`` tensor, in ``g``'s dtype.
 
-    Differentiable (also twice); the gradient of a zero row is zero.
+    Differentiable (also twice); the gradient of a zero row is zero. Works
+    under ``torch.func`` (``grad``, ``vjp``, ``jacrev``, ``vmap``), as the
+    other typed wrappers do; a row holding +-inf has norm inf, one holding NaN NaN.
     """
-    return _ops.row_norm(g)
+    return _call("row_norm", g)
 
 
-# ---------------------------------------------------------------- fake kernels
-def _check_like_fake(op: str, names, tensors) -> None:
-    first_name, first = names[0], tensors[0]
-    torch._check(first.dim() >= 1, lambda: f"ater_ext::{op}: {first_name} must have a leading batch dimension, got a 0-d tensor")
-    for name, t in zip(names[1:], tensors[1:]):
-        torch._check(
-            t.shape == first.shape and t.dtype == first.dtype and t.device == first.device,
-            lambda: f"ater_ext::{op}: {first_name} and {name} must have the same shape, dtype and device, got "
-            f"{first_name} {list(first.shape)} {first.dtype} {first.device} and {name} {list(t.shape)} {t.dtype} {t.device}",
-        )
+# ------------------------------------------------------------ CUDA layouts
+CUDA_LAYOUTS = ("rows", "adaptive")
 
 
-@torch.library.register_fake("ater_ext::normalized_step")
-def _normalized_step_fake(x, g, scale):
-    _check_like_fake("normalized_step", ("x", "g"), (x, g))
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def get_cuda_layout() -> str:
+    """The CUDA kernel structure the ops launch: ``"rows"`` (the default) or ``"adaptive"``."""
+    return _loader._C.cuda_layout()
 
 
-@torch.library.register_fake("ater_ext::dual_normalized_step")
-def _dual_normalized_step_fake(x, g, scale_a, scale_b):
-    _check_like_fake("dual_normalized_step", ("x", "g"), (x, g))
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(x, memory_format=torch.contiguous_format))
+def set_cuda_layout(layout: str) -> str:
+    """Choose the CUDA kernel structure; returns the previous one. Process-wide.
+
+    ``"rows"`` (default): one warp (D <= 1024) or one block per row, 16-byte
+    vectors only when every pointer is aligned and D is a multiple of the
+    vector width. ``"adaptive"``: each row walked as an aligned head, a vector
+    body and a scalar tail (any D, views at any offset, as long as all tensors
+    of a call share their address residue mod 16); several rows per warp for
+    tiny rows; rows split over several blocks (a fixed-order second pass
+    keeps results deterministic) when the batch is small against the SM
+    count. Both give the same values up to the summation order. The CPU
+    kernels ignore it; ``ATER_EXT_CUDA_LAYOUT`` sets it at import. A CUDA
+    graph keeps the layout it was captured with.
+    """
+    if layout not in CUDA_LAYOUTS:
+        raise ValueError(f"ater_ext.ops.set_cuda_layout: layout must be one of {list(CUDA_LAYOUTS)}, got {layout!r}")
+    previous = get_cuda_layout()
+    _loader._C.set_cuda_layout(layout)
+    return previous
 
 
-@torch.library.register_fake("ater_ext::fd_direction")
-def _fd_direction_fake(x, g0, g1, eps):
-    _check_like_fake("fd_direction", ("x", "g0", "g1"), (x, g0, g1))
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+@contextlib.contextmanager
+def cuda_layout(layout: str) -> Iterator[None]:
+    """``with ops.cuda_layout("adaptive"): ...``: :func:`set_cuda_layout` for a block, restored after."""
+    previous = set_cuda_layout(layout)
+    try:
+        yield
+    finally:
+        set_cuda_layout(previous)
 
 
-@torch.library.register_fake("ater_ext::normalized_step.out")
-def _normalized_step_out_fake(x, g, scale, *, out):
-    _check_like_fake("normalized_step", ("x", "g", "out"), (x, g, out))
-
-
-@torch.library.register_fake("ater_ext::fd_direction.out")
-def _fd_direction_out_fake(x, g0, g1, eps, *, out):
-    _check_like_fake("fd_direction", ("x", "g0", "g1", "out"), (x, g0, g1, out))
-
-
-@torch.library.register_fake("ater_ext::row_norm")
-def _row_norm_fake(g):
-    _check_like_fake("row_norm", ("g",), (g,))
-    return g.new_empty(g.shape[:1])
-
-
-@torch.library.register_fake("ater_ext::row_norm_backward")
-def _row_norm_backward_fake(grad, g, norm):
-    _check_like_fake("row_norm_backward", ("g",), (g,))
-    return torch.empty_like(g, memory_format=torch.contiguous_format)
+# ------------------------------------------------------- meta / fake kernels
+# The Meta kernels are C++ (csrc/row_ops_meta.cpp): they run the real kernels'
+# argument checks (csrc/checks.h) before giving the output shapes, and
+# torch.compile's fake tensors run them too. The .out overloads also have C++
+# Autograd and ADInplaceOrView kernels (csrc/out_autograd.cpp): out= is refused
+# when autograd would need it, and out's version counter is bumped, as for
+# PyTorch's own out= functions.
 
 
 # -------------------------------------------------------------------- autograd
@@ -154,7 +170,7 @@ def _row_norm_setup(ctx, inputs, output):
 
 def _row_norm_backward(ctx, grad):
     g, norm = ctx.saved_tensors
-    return _ops.row_norm_backward(grad, g, norm)
+    return _call("row_norm_backward", grad, g, norm)
 
 
 def _row_norm_backward_setup(ctx, inputs, output):
@@ -177,10 +193,102 @@ def _row_norm_double_backward(ctx, upstream):
     return d_grad, d_g.reshape(g.shape), d_norm
 
 
-torch.library.register_autograd("ater_ext::normalized_step", _step_backward)
-torch.library.register_autograd("ater_ext::dual_normalized_step", _dual_step_backward)
-torch.library.register_autograd("ater_ext::fd_direction", _fd_direction_backward)
-torch.library.register_autograd("ater_ext::row_norm", _row_norm_backward, setup_context=_row_norm_setup)
-torch.library.register_autograd(
-    "ater_ext::row_norm_backward", _row_norm_double_backward, setup_context=_row_norm_backward_setup
-)
+# Each differentiable op's Autograd kernel applies an autograd.Function with
+# setup_context (so torch.func.grad / vjp / jacrev / vmap can lift it; the
+# Function torch.library.register_autograd generates has none) whose forward
+# runs the op below autograd, and whose vmap rule is generated from the op's
+# own (see the vmap section).
+def _no_setup(ctx, inputs, output):
+    pass
+
+
+def _make_function(op_name: str, backward, setup_context):
+    op = getattr(_ops, op_name).default
+
+    def forward(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    return type(f"AterExt_{op_name}", (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+        "generate_vmap_rule": True,
+    })
+
+
+def _autograd_kernel(op_name: str, function):
+    op = getattr(_ops, op_name).default
+
+    def kernel(keyset, *args):
+        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            if _functorch_active():
+                raise RuntimeError(f"ater_ext::{op_name}: under torch.func transforms (grad, vjp, jacrev, ...) call the "
+                                   f"typed wrappers of ater_ext.ops (ater_ext.ops.row_norm, ...), not "
+                                   f"torch.ops.ater_ext.{op_name}: functorch cannot lift an autograd.Function "
+                                   f"applied from inside the dispatcher")
+            return function.apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    return kernel
+
+
+_AUTOGRAD = {
+    "normalized_step": (_step_backward, _no_setup),
+    "dual_normalized_step": (_dual_step_backward, _no_setup),
+    "fd_direction": (_fd_direction_backward, _no_setup),
+    "row_norm": (_row_norm_backward, _row_norm_setup),
+    "row_norm_backward": (_row_norm_double_backward, _row_norm_backward_setup),
+}
+_lib = torch.library.Library("ater_ext", "IMPL")  # noqa: TOR901 (kept for the registrations' lifetime)
+FUNCTIONS = {}  # op name -> the autograd.Function its Autograd kernel applies
+for _name, (_backward, _setup) in _AUTOGRAD.items():
+    FUNCTIONS[_name] = _make_function(_name, _backward, _setup)
+    _lib.impl(_name, _autograd_kernel(_name, FUNCTIONS[_name]), "Autograd", with_keyset=True)
+del _name, _backward, _setup
+
+
+# ------------------------------------------------------------------------ vmap
+# Every op works on independent rows (dim 0), so a vmapped call is one call on
+# the vmapped and the per-example row dimensions flattened together:
+# [N, B, ...] -> [N * B, ...], outputs reshaped back to [N, B, ...]. Inputs
+# not vmapped over are expanded to N first. torch.func.jacrev (vmap of vjp) and
+# vmap of grad run through these.
+def _flatten_vmapped(info, in_dims, args):
+    """(args with every tensor as [N * B, ...], per-example row count B), or
+    (None, i) when tensor argument i has 0-d examples (the op's own check then refuses it)."""
+    n = info.batch_size
+    flat, rows = [], None
+    for i, (a, d) in enumerate(zip(args, in_dims)):
+        if not isinstance(a, Tensor):
+            flat.append(a)
+            continue
+        a = a.movedim(d, 0) if d is not None else a.expand(n, *a.shape)
+        if a.dim() < 2:
+            return None, i
+        rows = a.shape[1] if rows is None else rows
+        flat.append(a.reshape(n * a.shape[1], *a.shape[2:]))
+    return flat, rows
+
+
+def _vmap_rule(op):
+    def rule(info, in_dims, *args):
+        flat, rows = _flatten_vmapped(info, in_dims, args)
+        if flat is None:  # a 0-d example: let the op refuse it with its own message
+            bad = rows
+            example = [a.select(d, 0) if isinstance(a, Tensor) and d is not None else a for a, d in zip(args, in_dims)]
+            op(*example)
+            raise AssertionError(f"{op}: argument {bad} has 0-d examples, which the op must refuse")  # pragma: no cover
+        out = op(*flat)
+        n = info.batch_size
+        if isinstance(out, tuple):
+            return tuple(o.reshape(n, rows, *o.shape[1:]) for o in out), tuple(0 for _ in out)
+        return out.reshape(n, rows, *out.shape[1:]), 0
+
+    return rule
+
+
+for _name in ("normalized_step", "dual_normalized_step", "fd_direction", "row_norm", "row_norm_backward"):
+    torch.library.register_vmap(f"ater_ext::{_name}", _vmap_rule(getattr(_ops, _name).default))
+del _name

@@ -15,16 +15,22 @@ Every variant is checked against ``ater_ext.reference`` before anything is
 timed, and a mismatch aborts the run. Times are medians of
 ``torch.utils.benchmark.Timer.blocked_autorange`` (which synchronises CUDA).
 The figures go to ``<out>/<machine>.json`` and ``<out>/<machine>.md``
-(``<machine>-quick.*`` with ``--quick``, a smoke test).
+(``<machine>-quick.*`` with ``--quick``, a smoke test), written atomically.
 
-    python benchmarks/bench_ops.py [--device cpu|cuda] [--quick] [--out benchmarks/results]
+On CUDA a second table times the shapes the default "rows" kernel layout
+serves badly (few long rows, tiny rows, D not a multiple of the vector width,
+views that start off a 16-byte boundary) in both kernel layouts
+(``ater_ext.ops.set_cuda_layout``), each as ``fused_out`` against a copy of the
+same bytes, after checking both layouts against the oracle (``--no-layouts``
+skips it).
+
+    python benchmarks/bench_ops.py [--device cpu|cuda] [--quick] [--no-layouts] [--out benchmarks/results]
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import functools
-import json
 import logging
 import os
 import platform
@@ -41,6 +47,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ater_ext import ops, reference
+from ater_ext.atomic_io import write_json, write_text
 
 log = logging.getLogger("bench_ops")
 
@@ -235,6 +242,79 @@ def run_case(spec: OpSpec, shape: Sequence[int], dtype: torch.dtype, device: str
     return {**summarise(spec, shape, dtype, nbytes, measurements), "others_cpus": others_cpus(start)}
 
 
+
+# ------------------------------------------------------- CUDA kernel layouts
+# The shapes issue 17 found the "rows" layout slow on, plus the target shape:
+# (shape, offset in elements of every tensor's start from an aligned allocation).
+LAYOUT_SHAPES = (
+    ((8192, 3072), 0),
+    ((64, 150528), 0),  # few long rows: one block per row leaves most SMs idle
+    ((1, 100_000_000), 0),
+    ((10_000_000, 4), 0),  # tiny rows: one warp per row, 28 of 32 lanes idle
+    ((8192, 4099), 0),  # D not a multiple of the vector width: all scalar
+    ((65536, 3, 5, 5), 0),
+    ((8192, 3072), 2),  # every tensor 8 bytes (fp32) past a 16-byte boundary: all scalar
+)
+QUICK_LAYOUT_SHAPES = (((8192, 3072), 0), ((64, 150528), 0), ((8192, 4099), 0), ((8192, 3072), 2))
+LAYOUT_OPS = ("fd_direction", "normalized_step")
+LAYOUT_TARGET = 0.85  # of a device copy's bandwidth, by the better layout
+
+
+def offset_copy(t: Tensor, offset: int) -> Tensor:
+    """A contiguous copy of ``t`` starting ``offset`` elements into a fresh allocation."""
+    if offset == 0:
+        return t.clone()
+    flat = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = flat[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def run_layout_case(spec: OpSpec, shape: Sequence[int], dtype: torch.dtype, offset: int, device: str,
+                    min_run_time: float) -> dict:
+    """``spec``'s ``out=`` variant in every CUDA layout (each checked against the oracle
+    first) and a copy of the same bytes; one row of the layout table."""
+    tensors, scalars = make_inputs(spec, shape, dtype, device)
+    tensors = tuple(offset_copy(t, offset) for t in tensors)
+    out = offset_copy(torch.empty_like(tensors[0]), offset)
+    want = spec.reference(*tensors, *scalars)
+    label = f"{spec.name} {list(shape)} {dtype_name(dtype)} offset {offset}"
+    measurements = {}
+    for layout in ops.CUDA_LAYOUTS:
+        with ops.cuda_layout(layout):
+            out.fill_(float("nan"))
+            spec.fused(*tensors, *scalars, out=out)
+            assert_matches_reference(f"{label} {layout}", out, want, tensors[0])
+            measurements[layout] = measure(functools.partial(spec.fused, *tensors, *scalars, out=out), min_run_time)
+    del want
+    copy = same_bytes_baselines(tensors[0], spec.traffic)["copy_same_bytes"]
+    measurements["copy_same_bytes"] = measure(copy, min_run_time)
+    nbytes = spec.traffic * tensors[0].numel() * tensors[0].element_size()
+    times = {k: m.median for k, m in measurements.items()}
+    vs_copy = {k: times["copy_same_bytes"] / times[k] for k in ops.CUDA_LAYOUTS}
+    best = max(vs_copy, key=vs_copy.get)
+    return {"op": spec.name, "shape": list(shape), "dtype": dtype_name(dtype), "offset_elements": offset,
+            "bytes": nbytes, "median_s": times, "iqr_s": {k: m.iqr for k, m in measurements.items()},
+            "gbps": {k: nbytes / v / 1e9 for k, v in times.items()}, "vs_copy": vs_copy,
+            "adaptive_speedup": times["rows"] / times["adaptive"], "best_layout": best,
+            "status": "PASS" if vs_copy[best] >= LAYOUT_TARGET else "FAIL"}
+
+
+def layout_markdown(rows: List[dict]) -> str:
+    """The layout table: µs and share of the copy's bandwidth per layout."""
+    lines = [f"Both layouts checked against the oracle first. `vs copy` = copy time / op time at the same bytes"
+             f" (target: the better layout >= {LAYOUT_TARGET:.0%}); `offset` = elements every tensor starts past a"
+             " 16-byte boundary.", "",
+             "| op | shape | dtype | offset | rows µs | adaptive µs | copy µs | rows vs copy | adaptive vs copy |"
+             " adaptive speedup | target |", "|" + "---|" * 11]
+    for r in rows:
+        t, v = r["median_s"], r["vs_copy"]
+        lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['offset_elements']} | {_us(t['rows'])} |"
+                     f" {_us(t['adaptive'])} | {_us(t['copy_same_bytes'])} | {v['rows']:.0%} | {v['adaptive']:.0%} |"
+                     f" {r['adaptive_speedup']:.2f}x | **{r['status']}** ({r['best_layout']}) |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------ targets
 @dataclass(frozen=True)
 class Target:
@@ -355,6 +435,8 @@ def render_markdown(report: dict) -> str:
     for op in dict.fromkeys(r["op"] for r in report["results"]):
         rows = [r for r in report["results"] if r["op"] == op]
         parts += ["", f"## {op} (moves {rows[0]['tensor_sizes_moved']} tensor-sizes)", "", markdown_table(rows)]
+    if report.get("layouts"):
+        parts += ["", "## CUDA kernel layouts (`fused_out`)", "", layout_markdown(report["layouts"])]
     parts += ["", "## Targets", ""]
     for v in report["targets"]:
         value = "n/a" if v["value"] is None else f"{v['value']:.2f}"
@@ -370,8 +452,8 @@ def write_report(report: dict, out_dir: Path) -> Tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = report["machine"] + ("-quick" if report["quick"] else "")
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    md_path.write_text(render_markdown(report))
+    write_json(str(json_path), report)
+    write_text(str(md_path), render_markdown(report))
     return json_path, md_path
 
 
@@ -381,6 +463,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--quick", action="store_true", help="two shapes and short runs: a smoke test")
+    p.add_argument("--no-layouts", action="store_true", help="CUDA: skip the table of both kernel layouts")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds per blocked_autorange (default: %s)"
                    % MIN_RUN_TIME_S)
@@ -405,6 +488,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for spec, shape, dtype in tqdm(cases, desc="bench_ops", unit="case"):
             rows.append(run_case(spec, shape, dtype, args.device, min_run_time))
 
+    layout_rows = []
+    if args.device == "cuda" and not args.no_layouts:
+        specs = {spec.name: spec for spec in OPS}
+        layout_cases = [(specs[op], shape, offset, dtype) for op in LAYOUT_OPS
+                        for shape, offset in (QUICK_LAYOUT_SHAPES if args.quick else LAYOUT_SHAPES) for dtype in DTYPES]
+        with logging_redirect_tqdm():
+            for spec, shape, offset, dtype in tqdm(layout_cases, desc="bench_ops layouts", unit="case"):
+                layout_rows.append(run_layout_case(spec, shape, dtype, offset, args.device, min_run_time))
+                torch.cuda.empty_cache()
+
     report = {
         "machine": slug, "machine_name": name, "device": args.device, "torch": torch.__version__,
         "python": platform.python_version(), "threads": torch.get_num_threads(),
@@ -413,6 +506,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "cpu_count": os.cpu_count(),
         "tolerances": {"fp32_rtol_atol": FP32_TOL, "bf16_rel": BF16_REL_TOL, "bf16_eager_rel": BF16_EAGER_REL_TOL},
         "results": rows,
+        "layouts": layout_rows,
     }
     report["targets"] = evaluate_targets(rows, args.device)
     json_path, md_path = write_report(report, args.out)

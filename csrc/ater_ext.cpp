@@ -1,6 +1,8 @@
 // The op schema of ater_ext: one TORCH_LIBRARY, backends register kernels in
 // csrc/cpu/ and csrc/cuda/ (TORCH_LIBRARY_IMPL), the dispatcher picks one.
-// Fake (meta) kernels and autograd formulas are registered from Python
+// Meta kernels (which fake tensors run too) are in csrc/row_ops_meta.cpp, the
+// .out overloads' Autograd / ADInplaceOrView kernels in csrc/out_autograd.cpp;
+// the other ops' autograd formulas and vmap rules are registered from Python
 // (ater_ext/ops.py), next to the typed wrappers.
 //
 // The .out overloads write into a caller's buffer and return nothing (so that
@@ -12,17 +14,52 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstring>
+
+#include "cuda_layout.h"
+
 #ifndef ATER_EXT_CPU_ISA
 #define ATER_EXT_CPU_ISA "default"
 #endif
 
+namespace ater_ext {
 namespace {
+std::atomic<int> g_cuda_layout{static_cast<int>(CudaLayout::kRows)};
+}  // namespace
+CudaLayout cuda_layout() { return static_cast<CudaLayout>(g_cuda_layout.load(std::memory_order_relaxed)); }
+void set_cuda_layout(CudaLayout layout) { g_cuda_layout.store(static_cast<int>(layout), std::memory_order_relaxed); }
+}  // namespace ater_ext
+
+namespace {
+constexpr const char* kLayoutNames[] = {"rows", "adaptive"};
+
+// cuda_layout() -> "rows" | "adaptive"
+PyObject* get_layout(PyObject*, PyObject*) {
+  return PyUnicode_FromString(kLayoutNames[static_cast<int>(ater_ext::cuda_layout())]);
+}
+
+// set_cuda_layout(name): ValueError naming the choices for anything else.
+PyObject* set_layout(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+  for (int i = 0; name != nullptr && i < 2; ++i) {
+    if (std::strcmp(name, kLayoutNames[i]) == 0) {
+      ater_ext::set_cuda_layout(static_cast<ater_ext::CudaLayout>(i));
+      Py_RETURN_NONE;
+    }
+  }
+  PyErr_Format(PyExc_ValueError, "ater_ext: the CUDA kernel layout must be 'rows' or 'adaptive', got %R", arg);
+  return nullptr;
+}
+
 // The SIMD instruction set the CPU kernels were compiled for (setup.py), so
 // that importing the package on a CPU without it fails with a clear message.
 PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(ATER_EXT_CPU_ISA); }
 
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "SIMD ISA the CPU kernels were built for."},
+    {"cuda_layout", get_layout, METH_NOARGS, "The CUDA kernel layout the ops launch."},
+    {"set_cuda_layout", set_layout, METH_O, "Choose the CUDA kernel layout ('rows' or 'adaptive')."},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 

@@ -9,7 +9,8 @@
 // Slow path (rows as tiny as 1e-30 or as large as 1e30 in fp32, zero rows,
 // non-finite rows): m = max |v_i|, s = sum (v_i / m)^2, norm = m * sqrt(s),
 // normalize(v) = (v / m) / sqrt(s). A zero row (m == 0) normalises to 0.
-// NaN/Inf in a row propagate as NaN; nothing is hidden.
+// NaN/Inf in a row propagate as a NaN direction; nothing is hidden. The norm of
+// a row holding +-inf (and no NaN) is inf, of a row holding NaN NaN.
 #pragma once
 
 #include <c10/macros/Macros.h>

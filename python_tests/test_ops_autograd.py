@@ -174,3 +174,124 @@ def test_step_gradcheck_in_x(name, device):
 
     assert gradcheck(f, (x,))
     assert gradgradcheck(f, (x,))
+
+
+# ------------------------------------------------------------------ torch.func
+def _torch_row_norm(g):
+    """The independent twin: torch.linalg.vector_norm over every trailing dim."""
+    return torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_func_grad_vjp_jacrev_of_row_norm(device):
+    g = make((4, 3, 2), F64, device)
+    w = make((4,), F64, device)
+
+    def ours(t):
+        return (ops.row_norm(t) * w).sum()
+
+    def theirs(t):
+        return (_torch_row_norm(t) * w).sum()
+
+    torch.testing.assert_close(torch.func.grad(ours)(g), torch.func.grad(theirs)(g), rtol=1e-12, atol=1e-12)
+    out, vjp_fn = torch.func.vjp(ops.row_norm, g)
+    out_t, vjp_t = torch.func.vjp(_torch_row_norm, g)
+    torch.testing.assert_close(out, out_t, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(vjp_fn(w)[0], vjp_t(w)[0], rtol=1e-12, atol=1e-12)
+    jac = torch.func.jacrev(ops.row_norm)(g)
+    assert jac.shape == (4, 4, 3, 2)
+    torch.testing.assert_close(jac, torch.func.jacrev(_torch_row_norm)(g), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_func_second_order_of_row_norm(device):
+    """grad of (grad . v): the Hessian-vector product through row_norm_backward's own
+    formula, under torch.func (the double-backward test above does it with autograd.grad)."""
+    g = make((3, 5), F64, device, "uniform")
+    v = make((3, 5), F64, device)
+
+    def hvp(f):
+        return torch.func.grad(lambda t: (torch.func.grad(lambda s: f(s).sum())(t) * v).sum())(g)
+
+    torch.testing.assert_close(hvp(ops.row_norm), hvp(_torch_row_norm), rtol=1e-10, atol=1e-12)
+    # the Hessian itself, by jacrev of grad (vmap over row_norm_backward's backward)
+    hess = torch.func.jacrev(torch.func.grad(lambda s: ops.row_norm(s).sum()))(g)
+    hess_t = torch.func.jacrev(torch.func.grad(lambda s: _torch_row_norm(s).sum()))(g)
+    torch.testing.assert_close(hess, hess_t, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("in_dim", [0, 1, 2])
+def test_vmap_row_norm(in_dim, device):
+    """vmap over any dim: the per-example norms, exactly as a Python loop of the op."""
+    g = make((5, 4, 6), F64, device).movedim(0, in_dim).contiguous()
+    g.select(in_dim, 2)[1] = 0  # a zero row in one example
+    got = torch.vmap(ops.row_norm, in_dims=in_dim)(g)
+    loop = torch.stack([ops.row_norm(g.select(in_dim, i)) for i in range(g.shape[in_dim])])
+    assert torch.equal(got, loop)
+    want = torch.stack([_torch_row_norm(g.select(in_dim, i)) for i in range(g.shape[in_dim])])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_sample_gradients_vmap_of_grad(device):
+    """torch.func's per-sample-gradient idiom over row_norm (vmap(grad(f)))."""
+    g = make((6, 3, 4), F64, device)
+
+    def per_example(t):  # t: [3, 4]
+        return ops.row_norm(t).square().sum() + ops.row_norm(t).sum()
+
+    got = torch.vmap(torch.func.grad(per_example))(g)
+    want = torch.vmap(torch.func.grad(lambda t: _torch_row_norm(t).square().sum() + _torch_row_norm(t).sum()))(g)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _call_step(name, x, gs):
+    out = getattr(ops, name)(x, *gs, *SCALES[name])
+    return out if isinstance(out, tuple) else (out,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batched", ["x", "g", "both"])
+@pytest.mark.parametrize("name", STEP_OPS)
+def test_vmap_steps_equal_a_loop(name, batched, device):
+    n, shape = 3, (4, 2, 5)
+    x, gs = step_args(name, shape, F64, device)
+    x, gs = x.detach(), [t.detach() for t in gs]
+    xb = make((n, *shape), F64, device) if batched in ("x", "both") else x
+    gb = [make((n, *shape), F64, device) for _ in gs] if batched in ("g", "both") else gs
+    x_dim = 0 if batched in ("x", "both") else None
+    g_dim = 0 if batched in ("g", "both") else None
+    got = torch.vmap(lambda x_, *g_: _call_step(name, x_, g_), in_dims=(x_dim, *[g_dim] * len(gs)))(xb, *gb)
+    for i in range(n):
+        xi = xb[i] if x_dim == 0 else xb
+        gi = [t[i] if g_dim == 0 else t for t in gb]
+        for a, b in zip(got, _call_step(name, xi, gi)):
+            assert torch.equal(a[i], b), f"{name} vmap example {i}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", STEP_OPS)
+def test_func_grad_and_jacrev_of_steps(name, device):
+    """d out / d x is the identity under torch.func too; no gradient reaches the directions."""
+    shape = (3, 4)
+    x, gs = step_args(name, shape, F64, device)
+    x, gs = x.detach(), [t.detach() for t in gs]
+    w = make(shape, F64, device)
+    grad_x = torch.func.grad(lambda t: sum((o * w).sum() for o in _call_step(name, t, gs)))(x)
+    torch.testing.assert_close(grad_x, w * len(SCALES[name]), rtol=0, atol=0)
+    grad_g = torch.func.grad(lambda t: sum(o.sum() for o in _call_step(name, x, [*gs[:-1], t])))(gs[-1])
+    assert torch.equal(grad_g, torch.zeros_like(grad_g))
+    jac = torch.func.jacrev(lambda t: _call_step(name, t, gs)[0])(x)
+    torch.testing.assert_close(jac.reshape(12, 12), torch.eye(12, dtype=F64, device=device), rtol=0, atol=0)
+
+
+def test_vmap_of_zero_d_examples_refused_by_the_op():
+    """vmap over a [N] tensor hands the op 0-d examples: the op's own error, not a reshape error."""
+    with pytest.raises(RuntimeError, match="ater_ext::row_norm: g must have a leading batch dimension"):
+        torch.vmap(ops.row_norm)(torch.randn(5))
+
+
+def test_raw_op_under_torch_func_grad_names_the_wrapper():
+    with pytest.raises(RuntimeError, match=r"ater_ext::row_norm: under torch.func .*ater_ext.ops.row_norm"):
+        torch.func.grad(lambda t: torch.ops.ater_ext.row_norm(t).sum())(torch.randn(3, 4))

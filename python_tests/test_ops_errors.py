@@ -163,3 +163,88 @@ def test_mixed_devices_rejected(name, where, api):
         args = (first, last, 0.5) + ((2.0,) if name == "dual_normalized_step" else ())
     with pytest.raises(RuntimeError, match=op_pattern(name)):
         API[api](name)(*args)
+
+
+# ------------------------------------- meta / fake refuse what the real refuse
+def _to(device, args):
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _row_norm_backward_cases():
+    return [pytest.param("row_norm_backward", args, (), id=f"rnb-{i}") for i, args in enumerate([
+        (f32(5), f32(4, 3), f32(4)), (f32(4), f32(4, 3), f32(3)), (f32(4, 1), f32(4, 3), f32(4)),
+        (torch.tensor(1.0), f32(4, 3), f32(4)), (f32(4).double(), f32(4, 3), f32(4)),
+        (of(torch.int64, 4), of(torch.int64, 4, 3), of(torch.int64, 4)),
+    ])]
+
+
+def _row_norm_cases():
+    return [pytest.param("row_norm", (of(dt, 4, 3),), (), id=f"row_norm-{dt}") for dt in BAD_DTYPES]
+
+
+META_CASES = step_cases() + _row_norm_cases() + _row_norm_backward_cases()
+
+
+@pytest.mark.parametrize("name,args,fragments", META_CASES)
+def test_meta_refuses_what_cpu_refuses(name, args, fragments):
+    """Every bad call of the CPU tests, on meta tensors: the same error (the Meta
+    kernels share csrc/checks.h with the real ones)."""
+    op = getattr(torch.ops.ater_ext, name)
+    with pytest.raises(RuntimeError) as cpu_err:
+        op(*args)
+    with pytest.raises(RuntimeError, match=op_pattern(name, *fragments)) as meta_err:
+        op(*_to("meta", args))
+    assert str(meta_err.value).split("\n")[0].replace("meta", "cpu") == str(cpu_err.value).split("\n")[0]
+
+
+@pytest.mark.parametrize("name,args,fragments", META_CASES)
+def test_fake_tensors_refuse_what_cpu_refuses(name, args, fragments):
+    """The same under FakeTensorMode, which torch.compile traces with."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        with pytest.raises(RuntimeError, match=op_pattern(name, *fragments)):
+            getattr(torch.ops.ater_ext, name)(*fake)
+
+
+def _mixed_device_calls():
+    """(name, call(cpu_tensor_maker, other_maker)): one argument on another device."""
+    return {
+        "normalized_step": lambda a, b: torch.ops.ater_ext.normalized_step(a(4, 3), b(4, 3), 0.5),
+        "normalized_step.out": lambda a, b: torch.ops.ater_ext.normalized_step.out(a(4, 3), a(4, 3), 0.5, out=b(4, 3)),
+        "dual_normalized_step": lambda a, b: torch.ops.ater_ext.dual_normalized_step(a(4, 3), b(4, 3), 0.5, 2.0),
+        "fd_direction": lambda a, b: torch.ops.ater_ext.fd_direction(a(4, 3), a(4, 3), b(4, 3), 1.0),
+        "fd_direction.out": lambda a, b: torch.ops.ater_ext.fd_direction.out(a(4, 3), a(4, 3), a(4, 3), 1.0,
+                                                                              out=b(4, 3)),
+        "row_norm_backward-g": lambda a, b: torch.ops.ater_ext.row_norm_backward(a(4), b(4, 3), a(4)),
+        "row_norm_backward-grad": lambda a, b: torch.ops.ater_ext.row_norm_backward(b(4), a(4, 3), a(4)),
+    }
+
+
+@pytest.mark.parametrize("order", ["cpu-first", "meta-first"])
+@pytest.mark.parametrize("case", list(_mixed_device_calls()))
+def test_cpu_and_meta_mixed_is_refused(case, order):
+    """A CPU + meta call dispatches to the Meta kernel, which must refuse it (it used to return
+    uninitialised CPU memory), naming the op and both devices."""
+    cpu = lambda *s: torch.randn(s)  # noqa: E731
+    meta = lambda *s: torch.empty(s, device="meta")  # noqa: E731
+    a, b = (cpu, meta) if order == "cpu-first" else (meta, cpu)
+    name = case.split("-")[0].split(".")[0]
+    with pytest.raises(RuntimeError, match=op_pattern(name, "same device")):
+        _mixed_device_calls()[case](a, b)
+
+
+@pytest.mark.parametrize("kind", ["shape", "dtype", "non-contiguous", "expanded", "partial-overlap-x"])
+@pytest.mark.parametrize("name", ["normalized_step", "fd_direction"])
+def test_meta_out_refuses_bad_buffers(name, kind):
+    base = torch.empty(5, 3, device="meta")
+    x = base[:4]
+    out = {"shape": lambda: torch.empty(4, 5, device="meta"),
+           "dtype": lambda: torch.empty(4, 3, dtype=torch.float64, device="meta"),
+           "non-contiguous": lambda: torch.empty(3, 4, device="meta").t(),
+           "expanded": lambda: torch.empty(1, 3, device="meta").expand(4, 3),
+           "partial-overlap-x": lambda: base[1:]}[kind]()
+    gs = [torch.empty(4, 3, device="meta") for _ in range(2 if name == "fd_direction" else 1)]
+    with pytest.raises(RuntimeError, match=op_pattern(name)):
+        getattr(ops, name)(x, *gs, 1.0, out=out)

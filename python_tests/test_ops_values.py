@@ -78,6 +78,45 @@ def test_row_norm_matches_reference(shape, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 7, 33, 4099], ids=lambda d: f"D={d}")
+def test_row_norm_of_infinite_and_nan_rows_as_torch(d, dtype, device):
+    """Rows holding +inf, -inf (in the vector body or the scalar tail), inf with NaN, NaN:
+    the norm torch.linalg.vector_norm gives (inf, inf, NaN, NaN); other rows unaffected."""
+    g = make((8, d), dtype, device)
+    inf = float("inf")
+    g[0, 0] = inf
+    g[1, d - 1] = -inf
+    g[2, d // 2] = inf
+    g[2, 0] = -inf  # two infinities, one sign each
+    g[3, 0], g[3, d - 1] = inf, float("nan")
+    g[4, d - 1] = float("nan")
+    g[5] = inf
+    g[6, d // 2] = inf
+    g[6, d - 1] = inf * 0 if d > 1 else inf  # NaN beside the inf (D > 1)
+    got = ops.row_norm(g)
+    want = torch.linalg.vector_norm(g.double(), dim=1).to(dtype)
+    torch.testing.assert_close(got[:7], want[:7], equal_nan=True, rtol=0, atol=0)
+    assert got[[0, 1, 2, 5]].isposinf().all() and got[[3, 4]].isnan().all()
+    assert_norm_close(got[7:], reference.row_norm(g[7:]), what="finite row beside them")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_norm_gradient_of_infinite_row_as_torch(device):
+    """d||g||/dg at a row holding inf: g / inf, i.e. 0 at finite entries and NaN at the inf, as
+    torch.linalg.vector_norm's backward."""
+    g = make((3, 9), torch.float64, device)
+    g[0, 4] = float("inf")
+    g[1, 2] = -float("inf")
+    ours = g.clone().requires_grad_()
+    theirs = g.clone().requires_grad_()
+    w = make((3,), torch.float64, device)
+    (ops.row_norm(ours) * w).sum().backward()
+    (torch.linalg.vector_norm(theirs, dim=1) * w).sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "name,scales",
     [

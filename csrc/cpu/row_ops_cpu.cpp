@@ -238,7 +238,9 @@ RowScale<typename Row::acc_t> row_scale(const Row& row, int64_t D, typename Row:
       row, D, [mv](AVec v) { const AVec w = v / mv; return w * w; },
       [m](acc_t v) { const acc_t w = v / m; return w * w; });
   const acc_t root = std::sqrt(s);
-  return {true, m, acc_t(1) / root, m * root};
+  // A row holding +-inf and no NaN: m = inf and s = NaN (inf / inf). Its norm is
+  // inf, as torch.linalg.vector_norm's; its direction stays NaN.
+  return {true, m, acc_t(1) / root, std::isinf(m) ? m : m * root};
 }
 
 template <typename Row>

@@ -1,5 +1,10 @@
 // CUDA kernels of the ater_ext row ops (schema in csrc/ater_ext.cpp).
 //
+// Two kernel structures (csrc/cuda_layout.h): the "rows" layout, the default,
+// described here, and the "adaptive" layout further down (per-row alignment,
+// several rows per warp for tiny rows, long rows split over several blocks),
+// chosen with ater_ext.ops.set_cuda_layout until a device has measured it.
+//
 // Every op views its inputs as [B, D] (dim 0 = rows, D = product of the
 // trailing dims) and works row by row:
 //   * D <= kWarpRowMaxD: one warp per row, kWarpRowsPerBlock rows per block;
@@ -30,11 +35,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <initializer_list>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 
 #include "checks.h"
+#include "cuda_layout.h"
 #include "row_math.h"
 
 namespace ater_ext {
@@ -259,7 +268,9 @@ __device__ RowScale<acc_t> row_scale(const Dir& dir, int64_t off, int64_t D,
   }
   s = Group::allreduce(s, SumOp{}, smem);
   const acc_t root_s = c10::cuda::compat::sqrt(s);
-  return {true, m, acc_t(1) / root_s, m * root_s};
+  // A row holding +-inf and no NaN: m = inf, s = NaN. Its norm is inf (as
+  // torch.linalg.vector_norm's); its direction stays NaN.
+  return {true, m, acc_t(1) / root_s, at::_isinf(m) ? m : m * root_s};
 }
 
 // ---------------------------------------------------------------------------
@@ -343,6 +354,360 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+// ===========================================================================
+// The "adaptive" layout (csrc/cuda_layout.h; the default is "rows", above)
+// ===========================================================================
+// Three changes against the "rows" layout, each for shapes it serves badly:
+//  * per-row alignment: every row (or chunk of a row) is walked as a scalar
+//    head up to the first 16-byte boundary, a 16-byte vector body and a
+//    scalar tail, so rows of any D and views at any offset vectorise, as long
+//    as every tensor of the call has the same address residue mod 16
+//    (otherwise every element is scalar, as in the rows layout);
+//  * tiny rows (D <= kWarpRowMaxD): L = 1, 2, ..., 32 lanes per row (about two
+//    vectors per lane), 32 / L rows per warp;
+//  * few long rows (B small against the SM count): each row split over P
+//    blocks. Pass 1 writes every block's partial sum of squares and max |v|
+//    to a workspace; each block then reduces its row's P partials itself, in
+//    one fixed order, so that all blocks of a row agree bitwise (and repeats
+//    are deterministic); rows of extreme scale only take a middle pass that
+//    adds the partial sums of (v / m)^2 (the blocks of other rows exit at once).
+// Numerics as row_math.h: the fast path's sum of squares when it is safe, the
+// max-rescaled sum otherwise. The max |v| is taken in pass 1 with the sum of
+// squares, which saves the slow path a pass.
+
+// Calls visit(std::integral_constant<int, K>{}, i) for the K-element pieces of
+// the flat element range [begin, end): a scalar head up to the first index
+// whose address is 16-byte aligned, kVec-element vectors, a scalar tail.
+// mis: element i is 16-byte aligned iff (i + mis) % kVec == 0 (the same for
+// every tensor of the call). rank / size: this thread's place in the walk.
+template <int kVec, typename Visit>
+__device__ __forceinline__ void walk_range(int64_t begin, int64_t end, int mis, int64_t rank,
+                                           int64_t size, Visit&& visit) {
+  const int64_t len = end - begin;
+  if (len <= 0) return;
+  int64_t head = 0;
+  if constexpr (kVec > 1) {
+    head = (kVec - (begin + mis) % kVec) % kVec;
+    head = head < len ? head : len;
+  }
+  const int64_t body = begin + head;
+  const int64_t num_vec = (len - head) / kVec;
+  const int64_t tail = body + num_vec * kVec;
+  for (int64_t j = rank; j < head; j += size) visit(std::integral_constant<int, 1>{}, begin + j);
+  for (int64_t j = rank; j < num_vec; j += size) {
+    visit(std::integral_constant<int, kVec>{}, body + j * kVec);
+  }
+  for (int64_t j = tail + rank; j < end; j += size) visit(std::integral_constant<int, 1>{}, j);
+}
+
+// Sum of squares and NaN-propagating max |v| of dir over [begin, end), this
+// thread's share.
+template <int kVec, typename acc_t, typename Dir>
+__device__ __forceinline__ void sumsq_and_max(const Dir& dir, int64_t begin, int64_t end, int mis,
+                                              int64_t rank, int64_t size, acc_t& sumsq, acc_t& m) {
+  walk_range<kVec>(begin, end, mis, rank, size, [&](auto piece, int64_t i) {
+    constexpr int K = decltype(piece)::value;
+    acc_t v[K];
+    dir.template load<K>(i, v);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      sumsq += v[k] * v[k];
+      m = NanMaxOp{}(m, c10::cuda::compat::abs(v[k]));
+    }
+  });
+}
+
+// This thread's share of sum (v / m)^2 over [begin, end).
+template <int kVec, typename acc_t, typename Dir>
+__device__ __forceinline__ acc_t scaled_sumsq(const Dir& dir, int64_t begin, int64_t end, int mis,
+                                              int64_t rank, int64_t size, acc_t m) {
+  acc_t s = 0;
+  walk_range<kVec>(begin, end, mis, rank, size, [&](auto piece, int64_t i) {
+    constexpr int K = decltype(piece)::value;
+    acc_t v[K];
+    dir.template load<K>(i, v);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const acc_t q = v[k] / m;
+      s += q * q;
+    }
+  });
+  return s;
+}
+
+// Whether the slow path needs the (v / m)^2 pass: rows of extreme but finite,
+// non-zero scale.
+template <typename acc_t>
+__device__ __forceinline__ bool needs_scaled_pass(acc_t sumsq, acc_t m) {
+  return !sumsq_is_safe<acc_t>(sumsq) && m > acc_t(0) && !at::_isinf(m);  // NaN m: false
+}
+
+// The RowScale of a row from its reductions (s: sum (v / m)^2, used only
+// when needs_scaled_pass). Same cases as row_scale above: fast; zero row;
+// NaN row (NaN direction and norm); row holding +-inf (NaN direction, norm inf).
+template <typename acc_t>
+__device__ __forceinline__ RowScale<acc_t> scale_of(acc_t sumsq, acc_t m, acc_t s) {
+  if (sumsq_is_safe<acc_t>(sumsq)) {
+    const acc_t norm = c10::cuda::compat::sqrt(sumsq);
+    return {false, acc_t(1), acc_t(1) / norm, norm};
+  }
+  if (m == acc_t(0)) return {false, acc_t(1), acc_t(0), acc_t(0)};
+  if (at::_isnan(m) || at::_isinf(m)) {
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    return {true, m, nan, at::_isinf(m) ? m : nan};
+  }
+  const acc_t root_s = c10::cuda::compat::sqrt(s);
+  return {true, m, acc_t(1) / root_s, m * root_s};
+}
+
+// L lanes per row (a power of two, 1..32), 32 / L rows per warp. The row loop
+// is warp-uniform: every lane runs every iteration and every shuffle (lanes
+// whose row is past B walk an empty row), so full-mask shuffles are safe.
+struct LaneGroup {
+  int lanes;
+  __device__ int rank() const { return static_cast<int>(threadIdx.x) & (lanes - 1); }
+  __device__ int64_t warp_first_row() const {
+    const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
+    return warp * (kWarpSize / lanes);
+  }
+  __device__ int64_t row_in_warp() const { return (threadIdx.x % kWarpSize) / lanes; }
+  __device__ int64_t row_stride() const {
+    return static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarpSize) * (kWarpSize / lanes);
+  }
+  template <typename T, typename Op>
+  __device__ T allreduce(T v, Op op) const {
+    for (int offset = lanes / 2; offset > 0; offset >>= 1) {
+      v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    }
+    return v;
+  }
+  __device__ bool any(bool p) const { return __any_sync(0xffffffffu, p); }
+};
+
+// What a reducing kernel writes once the row's scale is known. Writers see the
+// range [begin, end) of the row that this block (or lane group) covers.
+// Steps: out_k = x + scale_k * normalize(v) for kNumOut outputs.
+template <typename scalar_t, typename Dir, int kNumOut>
+struct StepWriter {
+  using acc_t = at::opmath_type<scalar_t>;
+  Dir dir;
+  const scalar_t* x;
+  scalar_t* out_a;
+  scalar_t* out_b;
+  acc_t scale_a;
+  acc_t scale_b;
+  template <int kVec>
+  __device__ __forceinline__ void write(const RowScale<acc_t>& rs, int64_t /*row*/, bool /*first*/,
+                                        int64_t begin, int64_t end, int mis, int64_t rank,
+                                        int64_t size) const {
+    walk_range<kVec>(begin, end, mis, rank, size, [&](auto piece, int64_t i) {
+      constexpr int K = decltype(piece)::value;
+      acc_t v[K];
+      acc_t xv[K];
+      dir.template load<K>(i, v);
+      load_acc<K>(x + i, xv);
+      acc_t oa[K];
+      acc_t ob[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const acc_t u = rs.apply(v[k]);
+        oa[k] = xv[k] + scale_a * u;
+        ob[k] = xv[k] + scale_b * u;
+      }
+      store_cast<K>(out_a + i, oa);
+      if constexpr (kNumOut == 2) store_cast<K>(out_b + i, ob);
+    });
+  }
+};
+
+// row_norm: the first thread of the row's first block writes norm[row].
+template <typename scalar_t>
+struct NormWriter {
+  using acc_t = at::opmath_type<scalar_t>;
+  GradDir<scalar_t> dir;
+  scalar_t* norm;
+  template <int kVec>
+  __device__ __forceinline__ void write(const RowScale<acc_t>& rs, int64_t row, bool first,
+                                        int64_t, int64_t, int, int64_t rank, int64_t) const {
+    if (first && rank == 0) norm[row] = static_cast<scalar_t>(rs.norm);
+  }
+};
+
+// Rows of D <= kWarpRowMaxD, `lanes` lanes each.
+template <typename scalar_t, int kVec, typename Writer>
+__global__ void __launch_bounds__(256)
+    lane_rows_kernel(Writer w, int lanes, int mis, int64_t B, int64_t D) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const LaneGroup group{lanes};
+  const int64_t rank = group.rank();
+  for (int64_t first = group.warp_first_row(); first < B; first += group.row_stride()) {
+    const int64_t row = first + group.row_in_warp();
+    const bool active = row < B;
+    const int64_t begin = active ? row * D : 0;
+    const int64_t end = active ? begin + D : 0;
+    acc_t sumsq = 0;
+    acc_t m = 0;
+    sumsq_and_max<kVec>(w.dir, begin, end, mis, rank, lanes, sumsq, m);
+    sumsq = group.allreduce(sumsq, SumOp{});
+    m = group.allreduce(m, NanMaxOp{});
+    acc_t s = 0;
+    const bool scaled = active && needs_scaled_pass(sumsq, m);
+    if (group.any(scaled)) {  // warp-uniform
+      s = scaled_sumsq<kVec>(w.dir, begin, scaled ? end : begin, mis, rank, lanes, scaled ? m : acc_t(1));
+      s = group.allreduce(s, SumOp{});
+    }
+    if (active) {
+      w.template write<kVec>(scale_of(sumsq, m, s), row, true, begin, end, mis, rank, lanes);
+    }
+  }
+}
+
+// Rows of D > kWarpRowMaxD, one block per row (grid-stride over rows).
+template <typename scalar_t, int kVec, typename Writer>
+__global__ void __launch_bounds__(kMaxThreads)
+    block_rows_kernel(Writer w, int mis, int64_t B, int64_t D) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t smem[kMaxWarps];
+  const int64_t rank = threadIdx.x;
+  const int64_t size = blockDim.x;
+  for (int64_t row = blockIdx.x; row < B; row += gridDim.x) {
+    const int64_t begin = row * D;
+    const int64_t end = begin + D;
+    acc_t sumsq = 0;
+    acc_t m = 0;
+    sumsq_and_max<kVec>(w.dir, begin, end, mis, rank, size, sumsq, m);
+    sumsq = BlockGroup::allreduce(sumsq, SumOp{}, smem);
+    m = BlockGroup::allreduce(m, NanMaxOp{}, smem);
+    acc_t s = 0;
+    if (needs_scaled_pass(sumsq, m)) {  // block-uniform
+      s = BlockGroup::allreduce(scaled_sumsq<kVec>(w.dir, begin, end, mis, rank, size, m), SumOp{},
+                                smem);
+    }
+    w.template write<kVec>(scale_of(sumsq, m, s), row, true, begin, end, mis, rank, size);
+  }
+}
+
+// ---- rows split over P blocks: block b covers chunk b % P of row b / P ----
+
+// End of chunk c of the row starting at row_begin: [row_begin + c * chunk, this).
+__device__ __forceinline__ int64_t chunk_end(int64_t row_begin, int64_t c, int64_t chunk, int64_t D) {
+  const int64_t end = row_begin + (c + 1) * chunk;
+  return end < row_begin + D ? end : row_begin + D;
+}
+
+// Workspace: [3][B * P] acc_t: partial sums of squares, max |v|, sums of (v / m)^2.
+template <typename acc_t>
+struct SplitWork {
+  acc_t* sumsq;
+  acc_t* max;
+  acc_t* scaled;
+};
+
+// The row's totals from its P partials, summed in one fixed order by the
+// whole block (identical in every block of the row).
+template <typename acc_t>
+__device__ __forceinline__ void row_totals(const acc_t* sumsq_parts, const acc_t* max_parts, int P,
+                                           acc_t* smem, acc_t& sumsq, acc_t& m) {
+  acc_t a = 0;
+  acc_t b = 0;
+  for (int p = threadIdx.x; p < P; p += blockDim.x) {
+    a += sumsq_parts[p];
+    b = NanMaxOp{}(b, max_parts[p]);
+  }
+  sumsq = BlockGroup::allreduce(a, SumOp{}, smem);
+  m = BlockGroup::allreduce(b, NanMaxOp{}, smem);
+}
+
+template <typename scalar_t, int kVec, typename Dir>
+__global__ void __launch_bounds__(kMaxThreads)
+    split_partials_kernel(Dir dir, SplitWork<at::opmath_type<scalar_t>> work, int mis, int P,
+                          int64_t chunk, int64_t D) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t smem[kMaxWarps];
+  const int64_t row = blockIdx.x / P;
+  const int64_t c = blockIdx.x % P;
+  const int64_t begin = row * D + c * chunk;
+  const int64_t end = chunk_end(row * D, c, chunk, D);
+  acc_t sumsq = 0;
+  acc_t m = 0;
+  sumsq_and_max<kVec>(dir, begin, end, mis, threadIdx.x, blockDim.x, sumsq, m);
+  sumsq = BlockGroup::allreduce(sumsq, SumOp{}, smem);
+  m = BlockGroup::allreduce(m, NanMaxOp{}, smem);
+  if (threadIdx.x == 0) {
+    work.sumsq[blockIdx.x] = sumsq;
+    work.max[blockIdx.x] = m;
+  }
+}
+
+// Rows of extreme scale only: the partial sums of (v / m)^2.
+template <typename scalar_t, int kVec, typename Dir>
+__global__ void __launch_bounds__(kMaxThreads)
+    split_scaled_kernel(Dir dir, SplitWork<at::opmath_type<scalar_t>> work, int mis, int P,
+                        int64_t chunk, int64_t D) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t smem[kMaxWarps];
+  const int64_t row = blockIdx.x / P;
+  const int64_t c = blockIdx.x % P;
+  acc_t sumsq, m;
+  row_totals(work.sumsq + row * P, work.max + row * P, P, smem, sumsq, m);
+  if (!needs_scaled_pass(sumsq, m)) return;  // block-uniform
+  const int64_t begin = row * D + c * chunk;
+  const int64_t end = chunk_end(row * D, c, chunk, D);
+  const acc_t s = BlockGroup::allreduce(
+      scaled_sumsq<kVec>(dir, begin, end, mis, threadIdx.x, blockDim.x, m), SumOp{}, smem);
+  if (threadIdx.x == 0) work.scaled[blockIdx.x] = s;
+}
+
+template <typename scalar_t, int kVec, typename Writer>
+__global__ void __launch_bounds__(kMaxThreads)
+    split_write_kernel(Writer w, SplitWork<at::opmath_type<scalar_t>> work, int mis, int P,
+                       int64_t chunk, int64_t D) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t smem[kMaxWarps];
+  const int64_t row = blockIdx.x / P;
+  const int64_t c = blockIdx.x % P;
+  acc_t sumsq, m;
+  row_totals(work.sumsq + row * P, work.max + row * P, P, smem, sumsq, m);
+  acc_t s = 0;
+  if (needs_scaled_pass(sumsq, m)) {  // block-uniform; the same fixed order again
+    acc_t part = 0;
+    for (int p = threadIdx.x; p < P; p += blockDim.x) part += work.scaled[row * P + p];
+    s = BlockGroup::allreduce(part, SumOp{}, smem);
+  }
+  const int64_t begin = row * D + c * chunk;
+  const int64_t end = chunk_end(row * D, c, chunk, D);
+  w.template write<kVec>(scale_of(sumsq, m, s), row, c == 0, begin, end, mis, threadIdx.x,
+                         blockDim.x);
+}
+
+// row_norm_backward, adaptive: out = grad[b] * (g / norm[b]) over (row, chunk)
+// pairs, grid-stride; a chunk is a whole row when D <= chunk.
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kMaxThreads)
+    backward_chunks_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ g,
+                           const scalar_t* __restrict__ norm, scalar_t* __restrict__ out, int mis,
+                           int64_t P, int64_t chunk, int64_t B, int64_t D) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t w = blockIdx.x; w < B * P; w += gridDim.x) {
+    const int64_t row = w / P;
+    const int64_t c = w % P;
+    const acc_t n = static_cast<acc_t>(norm[row]);
+    const acc_t gr = static_cast<acc_t>(grad[row]);
+    const bool zero = (n == acc_t(0));
+    const int64_t begin = row * D + c * chunk;
+    const int64_t end = chunk_end(row * D, c, chunk, D);
+    walk_range<kVec>(begin, end, mis, threadIdx.x, blockDim.x, [&](auto piece, int64_t i) {
+      constexpr int K = decltype(piece)::value;
+      acc_t gv[K];
+      load_acc<K>(g + i, gv);
+      acc_t o[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) o[k] = zero ? acc_t(0) : gr * (gv[k] / n);
+      store_cast<K>(out + i, o);
+    });
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------
@@ -397,6 +762,186 @@ void launch_rows(int64_t B, int64_t D, bool vec_ok, Launch&& launch) {
   }
 }
 
+
+// ---------------------------------------------------------------------------
+// Host side of the adaptive layout
+// ---------------------------------------------------------------------------
+
+constexpr int kLaneBlockThreads = 256;
+constexpr int64_t kSplitMinChunk = 8192;  // elements per block, at least, when a row is split
+
+// Element residue of a pointer's address mod the 16-byte vector (see walk_range).
+template <typename scalar_t>
+int residue(const void* p) {
+  return static_cast<int>(reinterpret_cast<std::uintptr_t>(p) % 16 / sizeof(scalar_t));
+}
+
+// The residue all pointers share, or -1 when they differ (then every element is scalar).
+template <typename scalar_t>
+int common_residue(std::initializer_list<const void*> ptrs) {
+  int mis = residue<scalar_t>(*ptrs.begin());
+  for (const void* p : ptrs) {
+    if (residue<scalar_t>(p) != mis) return -1;
+  }
+  return mis;
+}
+
+struct DeviceShape {
+  int sm_count;
+  int sm_threads;
+};
+
+DeviceShape device_shape() {
+  const int device = c10::cuda::current_device();
+  DeviceShape d{0, 0};
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_threads, cudaDevAttrMaxThreadsPerMultiProcessor, device));
+  return d;
+}
+
+struct AdaptivePlan {
+  enum Kind { kLanes, kBlocks, kSplit } kind;
+  int lanes = kWarpSize;     // kLanes
+  int threads = kMaxThreads;
+  int64_t blocks = 1;
+  int P = 1;                 // kSplit: blocks per row
+  int64_t chunk = 0;         // kSplit: elements per block
+};
+
+// Tiny rows: lanes per row for about two vectors a lane. Few long rows (the
+// batch fills less than half a wave of 512-thread blocks): split each row into
+// P >= 2 chunks of at least kSplitMinChunk elements, up to one full wave.
+// Otherwise one block per row, sized by D as in the rows layout.
+template <typename scalar_t>
+AdaptivePlan plan_adaptive(int64_t B, int64_t D, bool vec) {
+  const DeviceShape dev = device_shape();
+  const int per_lane = 2 * (vec ? kVecWidth<scalar_t> : 1);
+  AdaptivePlan plan{AdaptivePlan::kBlocks};
+  if (D <= kWarpRowMaxD) {
+    plan.kind = AdaptivePlan::kLanes;
+    plan.lanes = 1;
+    while (plan.lanes < kWarpSize && static_cast<int64_t>(plan.lanes) * per_lane < D) plan.lanes *= 2;
+    plan.threads = kLaneBlockThreads;
+    const int64_t rows_per_block = kLaneBlockThreads / plan.lanes;
+    const int64_t max_blocks = static_cast<int64_t>(dev.sm_count) *
+                               std::max(1, dev.sm_threads / kLaneBlockThreads) * 8;
+    plan.blocks = std::max<int64_t>(1, std::min((B + rows_per_block - 1) / rows_per_block, max_blocks));
+    return plan;
+  }
+  const int64_t wave = static_cast<int64_t>(dev.sm_count) * std::max(1, dev.sm_threads / kMaxThreads);
+  if (2 * B <= wave && D >= 2 * kSplitMinChunk) {
+    const int64_t P = std::min((wave + B - 1) / B, D / kSplitMinChunk);
+    const int64_t chunk = ((D + P - 1) / P + 63) / 64 * 64;
+    plan.P = static_cast<int>((D + chunk - 1) / chunk);
+    if (plan.P >= 2) {
+      plan.kind = AdaptivePlan::kSplit;
+      plan.chunk = chunk;
+      plan.threads = kMaxThreads;
+      plan.blocks = B * plan.P;
+      return plan;
+    }
+    plan.P = 1;
+  }
+  plan.threads = D <= 4096 ? 128 : (D <= 16384 ? 256 : kMaxThreads);
+  const int64_t max_blocks =
+      static_cast<int64_t>(dev.sm_count) * std::max(1, dev.sm_threads / plan.threads) * 8;
+  plan.blocks = std::max<int64_t>(1, std::min(B, max_blocks));
+  return plan;
+}
+
+// Launches a reducing op (steps or row_norm, by its Writer) in the adaptive
+// layout. mis: common_residue of every pointer the op touches (-1: scalar).
+// like: any tensor of the call (device of the workspace).
+template <typename scalar_t, typename Writer>
+void launch_adaptive(const Writer& w, int64_t B, int64_t D, int mis, const at::Tensor& like) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const AdaptivePlan plan = plan_adaptive<scalar_t>(B, D, mis >= 0);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto go = [&](auto vec) {
+    constexpr int kVec = decltype(vec)::value;
+    const int m = kVec > 1 ? mis : 0;
+    const dim3 grid(static_cast<unsigned int>(plan.blocks));
+    const dim3 block(static_cast<unsigned int>(plan.threads));
+    switch (plan.kind) {
+      case AdaptivePlan::kLanes:
+        lane_rows_kernel<scalar_t, kVec><<<grid, block, 0, stream>>>(w, plan.lanes, m, B, D);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        break;
+      case AdaptivePlan::kBlocks:
+        block_rows_kernel<scalar_t, kVec><<<grid, block, 0, stream>>>(w, m, B, D);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        break;
+      case AdaptivePlan::kSplit: {
+        const int64_t parts = B * plan.P;
+        const at::Tensor ws =
+            at::empty({3, parts}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+        acc_t* base = ws.data_ptr<acc_t>();
+        const SplitWork<acc_t> work{base, base + parts, base + 2 * parts};
+        split_partials_kernel<scalar_t, kVec>
+            <<<grid, block, 0, stream>>>(w.dir, work, m, plan.P, plan.chunk, D);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        split_scaled_kernel<scalar_t, kVec>
+            <<<grid, block, 0, stream>>>(w.dir, work, m, plan.P, plan.chunk, D);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        split_write_kernel<scalar_t, kVec>
+            <<<grid, block, 0, stream>>>(w, work, m, plan.P, plan.chunk, D);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        break;
+      }
+    }
+  };
+  if (mis >= 0) {
+    go(std::integral_constant<int, kVecWidth<scalar_t>>{});
+  } else {
+    go(std::integral_constant<int, 1>{});
+  }
+}
+
+// The steps (normalized_step, dual_normalized_step, fd_direction) in the adaptive layout.
+template <typename scalar_t>
+std::array<const void*, 2> dir_pointers(const GradDir<scalar_t>& d) { return {d.g, d.g}; }
+template <typename scalar_t>
+std::array<const void*, 2> dir_pointers(const DiffDir<scalar_t>& d) { return {d.g0, d.g1}; }
+
+template <typename scalar_t, typename Dir, int kNumOut>
+void launch_adaptive_steps(const Dir& dir, const at::Tensor& x, const at::Tensor& out_a, const at::Tensor& out_b,
+                           double scale_a, double scale_b, int64_t B, int64_t D) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x_ptr = x.data_ptr<scalar_t>();
+  scalar_t* a_ptr = out_a.data_ptr<scalar_t>();
+  scalar_t* b_ptr = kNumOut == 2 ? out_b.data_ptr<scalar_t>() : a_ptr;
+  const std::array<const void*, 2> d = dir_pointers(dir);
+  const int mis = common_residue<scalar_t>({x_ptr, a_ptr, b_ptr, d[0], d[1]});
+  const StepWriter<scalar_t, Dir, kNumOut> w{dir, x_ptr, a_ptr, b_ptr, static_cast<acc_t>(scale_a),
+                                             static_cast<acc_t>(scale_b)};
+  launch_adaptive<scalar_t>(w, B, D, mis, x);
+}
+
+// row_norm_backward in the adaptive layout: rows longer than kWarpRowMaxD in
+// chunks of up to kSplitMinChunk elements over the grid; shorter rows as in the rows layout.
+template <typename scalar_t>
+bool launch_adaptive_backward(const scalar_t* grad, const scalar_t* g, const scalar_t* norm,
+                              scalar_t* out, int64_t B, int64_t D) {
+  if (D <= kWarpRowMaxD) return false;
+  const DeviceShape dev = device_shape();
+  const int64_t chunk = std::min<int64_t>(D, kSplitMinChunk);
+  const int64_t P = (D + chunk - 1) / chunk;
+  const int64_t max_blocks =
+      static_cast<int64_t>(dev.sm_count) * std::max(1, dev.sm_threads / kMaxThreads) * 8;
+  const dim3 grid(static_cast<unsigned int>(std::max<int64_t>(1, std::min(B * P, max_blocks))));
+  const dim3 block(kMaxThreads);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int mis = common_residue<scalar_t>({g, out});
+  if (mis >= 0) {
+    backward_chunks_kernel<scalar_t, kVecWidth<scalar_t>>
+        <<<grid, block, 0, stream>>>(grad, g, norm, out, mis, P, chunk, B, D);
+  } else {
+    backward_chunks_kernel<scalar_t, 1><<<grid, block, 0, stream>>>(grad, g, norm, out, 0, P, chunk, B, D);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
 // Shared by normalized_step / dual_normalized_step / fd_direction.
 // x: [B, ...]   out_a (, out_b): contiguous, x's shape
 template <typename scalar_t, typename Dir, int kNumOut>
@@ -404,6 +949,10 @@ void launch_normalized_step(const Dir& dir, bool dir_aligned, const at::Tensor& 
                             const at::Tensor& out_a, const at::Tensor& out_b,
                             double scale_a, double scale_b, int64_t B, int64_t D) {
   using acc_t = at::opmath_type<scalar_t>;
+  if (cuda_layout() == CudaLayout::kAdaptive) {
+    launch_adaptive_steps<scalar_t, Dir, kNumOut>(dir, x, out_a, out_b, scale_a, scale_b, B, D);
+    return;
+  }
   const scalar_t* x_ptr = x.data_ptr<scalar_t>();
   scalar_t* a_ptr = out_a.data_ptr<scalar_t>();
   scalar_t* b_ptr = kNumOut == 2 ? out_b.data_ptr<scalar_t>() : nullptr;
@@ -513,6 +1062,11 @@ at::Tensor row_norm_cuda(const at::Tensor& g) {
       at::kHalf, at::kBFloat16, gc.scalar_type(), "row_norm_cuda", [&] {
         const GradDir<scalar_t> dir{gc.data_ptr<scalar_t>()};
         scalar_t* out_ptr = out.data_ptr<scalar_t>();
+        if (cuda_layout() == CudaLayout::kAdaptive) {
+          launch_adaptive<scalar_t>(NormWriter<scalar_t>{dir, out_ptr}, B, D,
+                                    residue<scalar_t>(dir.g), gc);
+          return;
+        }
         const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
         launch_rows<scalar_t>(
             B, D, is_aligned16(dir.g), [&](auto group, auto vec, dim3 grid, dim3 block) {
@@ -544,6 +1098,10 @@ at::Tensor row_norm_backward_cuda(const at::Tensor& grad, const at::Tensor& g,
         const scalar_t* g_ptr = gc.data_ptr<scalar_t>();
         const scalar_t* norm_ptr = norm_c.data_ptr<scalar_t>();
         scalar_t* out_ptr = out.data_ptr<scalar_t>();
+        if (cuda_layout() == CudaLayout::kAdaptive &&
+            launch_adaptive_backward<scalar_t>(grad_ptr, g_ptr, norm_ptr, out_ptr, B, D)) {
+          return;
+        }
         const bool vec_ok = is_aligned16(g_ptr) && is_aligned16(out_ptr);
         const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
         launch_rows<scalar_t>(
