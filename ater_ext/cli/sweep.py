@@ -173,7 +173,8 @@ def evaluate_run(run: Run, data_dir: Optional[str], device: torch.device, limit:
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
-        if (old.get("epoch") == best_epoch and old.get("spec") == {**spec, "eps_list": eps_list}):
+        if (old.get("epoch") == best_epoch and old.get("best_mtime_ns") == os.stat(best).st_mtime_ns
+                and old.get("spec") == {**spec, "eps_list": eps_list}):
             return old
     model, data = _load_best(best, data_dir, device, verify_checksums)
     n = min(int(spec["limit"]), len(data.x_test))
@@ -185,7 +186,8 @@ def evaluate_run(run: Run, data_dir: Optional[str], device: torch.device, limit:
                                          device=device)
         curve.append({"eps": eps, "accuracy": acc})
     headline = next(p["accuracy"] for p in curve if p["eps"] == float(spec["eps"]))
-    result = {"checkpoint": best, "epoch": best_epoch, "spec": {**spec, "eps_list": eps_list}, "n_test": n,
+    result = {"checkpoint": best, "epoch": best_epoch, "best_mtime_ns": os.stat(best).st_mtime_ns,
+              "spec": {**spec, "eps_list": eps_list}, "n_test": n,
               "attack": spec["attack"], "eps": float(spec["eps"]), "robust_accuracy": headline, "curve": curve}
     write_json(path, result)
     return result
