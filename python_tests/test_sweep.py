@@ -90,6 +90,9 @@ def test_sweep_resumes_skips_and_aggregates(tmp_path, capsys, caplog):
         assert float(row["test_error_std"]) == pytest.approx(statistics.stdev(errors))
         assert float(row["robust_acc_mean"]) == pytest.approx(statistics.fmean(robust))
         assert float(row["paper"]) == {"erm": 1.11, "ater": 0.57}[method]
+        seconds = [e["train_seconds"] for s in (0, 1)
+                   for e in read_metrics(out / "tiny" / method / f"seed{s}")["epochs"]]
+        assert float(row["train_seconds_per_epoch"]) == pytest.approx(statistics.fmean(seconds))
     md = (out / "summary.md").read_text()
     assert "| tiny | ERM | 2 |" in md and "1.11 +- 0.06" in md and "pgd-l2 eps=0.5, 2 steps" in md
     for png in ("tiny-test-error.png", "tiny-robustness.png"):

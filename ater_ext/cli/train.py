@@ -33,9 +33,9 @@ from .selection import DEFAULT_VAL_SIZE, SELECTIONS, Validation, selection_radiu
 from ..data import DATASETS, Dataset, balanced_label_split, load_dataset
 from ..models import MODELS, build_model, default_model, set_preprocess
 from ..train_step import backward_into_parameters
-from .common import (CliError, first_line, load_checkpoint, log, machine_name, nonnegative_float, pick_device, positive_float,
-                     positive_int, progress, rng_state, run_cli, save_torch, seed_everything, set_rng_state, spread_subset, write_csv,
-                     write_json)
+from .common import (CliError, first_line, load_checkpoint, log, machine_name, nonnegative_float, pick_device,
+                     positive_float, positive_int, progress, rng_state, run_cli, save_torch, seed_everything,
+                     set_rng_state, spread_subset, write_csv, write_json)
 
 METHODS = ("erm", "at", "vat", "ater", "vater", "pgd-at", "trades", "fgsm-rs")
 SEMI_SUPERVISED = ("vat", "vater")
