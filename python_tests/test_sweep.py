@@ -137,6 +137,13 @@ def test_sweep_run_with_other_settings(tmp_path, capsys):
     rc, _, err = sweep_cli([recipe(tmp_path), "--methods", "erm", "--seeds", "0", "--out", out, "--device", "cpu",
                             "--print-commands"], capsys)
     assert_one_line_error("ater-sweep", rc, err, str(out / "tiny" / "erm" / "seed0"), "lr")
+    # --aggregate-only trains nothing: seed 1 is missing from the table, seed 0 is in it
+    rc, _, err = sweep_cli([recipe(tmp_path), "--methods", "erm", "--seeds", "0,1", "--out", out, "--device", "cpu",
+                            "--aggregate-only", "--no-eval", "--", "--lr", "0.01"], capsys)
+    assert rc == 0, err
+    assert not (out / "tiny" / "erm" / "seed1").exists()
+    _, rows = read_csv(out / "summary.csv")
+    assert [(r["method"], r["n"], r["seeds"]) for r in rows] == [("erm", "1", "0")]
 
 
 @pytest.mark.parametrize("argv, needles", [
