@@ -83,3 +83,44 @@ def test_quick_methods_benchmark_checks_and_writes(tmp_path):
     assert set(r["seconds"]) == set(bench_methods.METHODS)
     assert all(gap < 1e-8 for gap in r["grad_rel_gaps"].values())
     assert (tmp_path / report_path.name.replace(".json", ".md")).read_text().startswith("# Training-step cost")
+
+
+def test_frontier_mean_std_is_the_sample_statistic():
+    import statistics
+
+    import frontier
+
+    values = [72.5, 74.0, 70.5]
+    assert frontier.mean_std(values) == pytest.approx({"mean": statistics.mean(values),
+                                                       "std": statistics.stdev(values)})
+    assert frontier.mean_std([3.0]) == {"mean": 3.0, "std": 0.0}
+
+
+def test_frontier_trains_evaluates_aggregates_and_keeps_finished_runs(tmp_path):
+    """A tiny frontier (digits, 2 methods x 2 seeds, 1 epoch): the table's figures are the
+    mean +- std of the per-run files, and a second call trains nothing."""
+    import statistics
+
+    import frontier
+
+    argv = ["--dataset", "digits", "--methods", "erm,fgsm-rs", "--seeds", "0,1", "--epochs", "1", "--aa-limit", "4",
+            "--limit", "30", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+            "--train-args", "--val-size 100 --select-subset 20"]
+    report = frontier.main(argv)
+    results = json.loads((tmp_path / "runs" / "eval" / "robustness.json").read_text())["results"]
+    for method in ("erm", "fgsm-rs"):
+        runs = [r for r in results if r["method"] == method]
+        assert len(runs) == 2
+        aa = [r["autoattack"]["robust_accuracy"] for r in runs]
+        assert report["methods"][method]["aa_acc"]["mean"] == pytest.approx(statistics.mean(aa))
+        assert report["methods"][method]["aa_acc"]["std"] == pytest.approx(statistics.stdev(aa))
+        seconds = [sum(e["train_cpu_seconds"] for e in json.loads(
+            (tmp_path / "runs" / f"{method}-s{seed}" / "metrics.json").read_text())["epochs"]) for seed in (0, 1)]
+        assert report["methods"][method]["train_cpu_seconds"]["mean"] == pytest.approx(statistics.mean(seconds))
+        assert all(s > 0 for s in seconds)
+    (md,) = (tmp_path / "out").glob("frontier-*.md")
+    assert "| fgsm-rs |" in md.read_text() and md.with_suffix(".png").stat().st_size > 0
+    kept = [tmp_path / "runs" / "erm-s0" / "best.pt", tmp_path / "runs" / "eval" / "robustness.json"]
+    before = [p.stat().st_mtime_ns for p in kept]
+    assert frontier.main(argv)["methods"]["erm"]["aa_acc"] == report["methods"]["erm"]["aa_acc"]
+    assert [p.stat().st_mtime_ns for p in kept] == before  # neither trained nor evaluated again
