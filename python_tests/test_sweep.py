@@ -93,6 +93,9 @@ def test_sweep_resumes_skips_and_aggregates(tmp_path, capsys, caplog):
         seconds = [e["train_seconds"] for s in (0, 1)
                    for e in read_metrics(out / "tiny" / method / f"seed{s}")["epochs"]]
         assert float(row["train_seconds_per_epoch"]) == pytest.approx(statistics.fmean(seconds))
+        cpu = [e["train_cpu_seconds"] for s in (0, 1)
+               for e in read_metrics(out / "tiny" / method / f"seed{s}")["epochs"]]
+        assert float(row["train_cpu_seconds_per_epoch"]) == pytest.approx(statistics.fmean(cpu))
     md = (out / "summary.md").read_text()
     assert "| tiny | ERM | 2 |" in md and "1.11 +- 0.06" in md and "pgd-l2 eps=0.5, 2 steps" in md
     for png in ("tiny-test-error.png", "tiny-robustness.png"):

@@ -210,7 +210,7 @@ def aggregate(runs: List[Run], evals: Dict[str, dict], out: str) -> List[dict]:
         groups.setdefault((run.recipe.name, run.method), []).append(run)
     for (name, method), members in groups.items():
         recipe = members[0].recipe
-        errors, robust, seeds, seconds = [], [], [], []
+        errors, robust, seeds, seconds, cpu = [], [], [], [], []
         for run in members:
             m = run.metrics()
             if not m.get("finished"):
@@ -218,6 +218,7 @@ def aggregate(runs: List[Run], evals: Dict[str, dict], out: str) -> List[dict]:
             best = int(m["best_epoch"])
             errors.append(float(m["epochs"][best - 1]["test_error"]))
             seconds += [float(r["train_seconds"]) for r in m["epochs"]]
+            cpu += [float(r["train_cpu_seconds"]) for r in m["epochs"] if "train_cpu_seconds" in r]
             seeds.append(run.seed)
             if run.dir in evals:
                 robust.append(float(evals[run.dir]["robust_accuracy"]))
@@ -228,7 +229,8 @@ def aggregate(runs: List[Run], evals: Dict[str, dict], out: str) -> List[dict]:
         row = {"recipe": name, "row": recipe.row, "method": method, "n": len(errors),
                "seeds": " ".join(map(str, seeds)), "test_error_mean": err_mean, "test_error_std": err_std,
                "paper": paper[0] if paper else "", "paper_std": paper[1] if paper else "",
-               "train_seconds_per_epoch": statistics.fmean(seconds)}
+               "train_seconds_per_epoch": statistics.fmean(seconds),
+               "train_cpu_seconds_per_epoch": statistics.fmean(cpu) if cpu else float("nan")}
         if robust:
             spec = {**EVAL_DEFAULTS, **recipe.eval}
             rob_mean, rob_std = _mean_std(robust)
@@ -238,15 +240,17 @@ def aggregate(runs: List[Run], evals: Dict[str, dict], out: str) -> List[dict]:
     write_csv(os.path.join(out, "summary.csv"), rows)
     lines = [f"ater-sweep on {machine_name()} (test error of best.pt, selected on validation, or the last epoch "
              f"without one; mean +- sample std over n seeds; the paper's value +- its std in the next column; "
-             f"s/epoch: mean training time of an epoch on this machine)", ""]
-    header = ["recipe", "method", "n", "test error (%)", "paper (%)", "robust accuracy (%)", "attack", "s/epoch"]
+             f"s/epoch: mean training time of an epoch on this machine, wall clock and process CPU time)", ""]
+    header = ["recipe", "method", "n", "test error (%)", "paper (%)", "robust accuracy (%)", "attack", "s/epoch",
+              "CPU s/epoch"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         paper = "" if r["paper"] == "" else f"{r['paper']:.2f} +- {r['paper_std']:.2f}"
         robust = _pm(r["robust_acc_mean"], r["robust_acc_std"], 1) if "robust_acc_mean" in r else "-"
         lines.append("| " + " | ".join([r["recipe"], r["method"].upper(), str(r["n"]),
                                          _pm(r["test_error_mean"], r["test_error_std"], 2), paper or "-", robust,
-                                         r.get("robust_attack", "-"), f"{r['train_seconds_per_epoch']:.1f}"]) + " |")
+                                         r.get("robust_attack", "-"), f"{r['train_seconds_per_epoch']:.1f}",
+                                         f"{r['train_cpu_seconds_per_epoch']:.1f}"]) + " |")
     text = "\n".join(lines) + "\n"
     write_text(os.path.join(out, "summary.md"), text)
     for name in dict.fromkeys(r["recipe"] for r in rows):
