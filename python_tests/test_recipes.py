@@ -95,6 +95,17 @@ def test_flags_win_over_the_recipe():
     assert cfg.method == "vat"  # the recipe's first method when --method is not given
 
 
+def test_method_tables_override_train(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[recipe]\nname = "r"\nmethods = ["erm", "ater"]\n[train]\ndataset = "digits"\nlam = 0.2\n'
+                    'epochs = 3\n[method.ater]\nlam = 0.7\n')
+    assert resolve(["--config", path, "--device", "cpu"]).method == "erm"
+    assert resolve(["--config", path, "--method", "ater", "--device", "cpu"]).lam == 0.7
+    assert resolve(["--config", path, "--method", "erm", "--device", "cpu"]).lam == 0.2
+    assert resolve(["--config", path, "--method", "ater", "--lam", "0.4", "--device", "cpu"]).lam == 0.4
+    assert resolve(["--config", path, "--device", "cpu"]).epochs == 3
+
+
 def test_decay_start_beyond_epochs_names_the_recipe(tmp_path, capsys):
     rc, _, err = train_cli(["--config", "cifar10-4000", "--epochs", "100", "--device", "cpu",
                             "--out", tmp_path / "o"], capsys)

@@ -90,6 +90,12 @@ def test_sweep_resumes_skips_and_aggregates(tmp_path, capsys, caplog):
         assert float(row["test_error_std"]) == pytest.approx(statistics.stdev(errors))
         assert float(row["robust_acc_mean"]) == pytest.approx(statistics.fmean(robust))
         assert float(row["paper"]) == {"erm": 1.11, "ater": 0.57}[method]
+        seconds = [e["train_seconds"] for s in (0, 1)
+                   for e in read_metrics(out / "tiny" / method / f"seed{s}")["epochs"]]
+        assert float(row["train_seconds_per_epoch"]) == pytest.approx(statistics.fmean(seconds))
+        cpu = [e["train_cpu_seconds"] for s in (0, 1)
+               for e in read_metrics(out / "tiny" / method / f"seed{s}")["epochs"]]
+        assert float(row["train_cpu_seconds_per_epoch"]) == pytest.approx(statistics.fmean(cpu))
     md = (out / "summary.md").read_text()
     assert "| tiny | ERM | 2 |" in md and "1.11 +- 0.06" in md and "pgd-l2 eps=0.5, 2 steps" in md
     for png in ("tiny-test-error.png", "tiny-robustness.png"):
@@ -134,6 +140,13 @@ def test_sweep_run_with_other_settings(tmp_path, capsys):
     rc, _, err = sweep_cli([recipe(tmp_path), "--methods", "erm", "--seeds", "0", "--out", out, "--device", "cpu",
                             "--print-commands"], capsys)
     assert_one_line_error("ater-sweep", rc, err, str(out / "tiny" / "erm" / "seed0"), "lr")
+    # --aggregate-only trains nothing: seed 1 is missing from the table, seed 0 is in it
+    rc, _, err = sweep_cli([recipe(tmp_path), "--methods", "erm", "--seeds", "0,1", "--out", out, "--device", "cpu",
+                            "--aggregate-only", "--no-eval", "--", "--lr", "0.01"], capsys)
+    assert rc == 0, err
+    assert not (out / "tiny" / "erm" / "seed1").exists()
+    _, rows = read_csv(out / "summary.csv")
+    assert [(r["method"], r["n"], r["seeds"]) for r in rows] == [("erm", "1", "0")]
 
 
 @pytest.mark.parametrize("argv, needles", [

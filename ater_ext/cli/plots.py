@@ -79,7 +79,7 @@ def plot_curves(history: List[Dict[str, float]], path: str, *, title: str = "", 
     error (right, %), the selected epoch marked; written atomically."""
     epochs = [int(r["epoch"]) for r in history]
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(9, 3.6))
-    loss_keys = list(dict.fromkeys(k for r in history for k in r if k.startswith("train_") and k != "train_seconds"))
+    loss_keys = list(dict.fromkeys(k for r in history for k in r if k.startswith("train_") and not k.endswith("seconds")))
     for key in loss_keys:
         ax_loss.plot(epochs, [r.get(key, np.nan) for r in history], marker=".", label=key[len("train_"):])
     ax_loss.set_xlabel("epoch")

@@ -173,7 +173,8 @@ def evaluate_run(run: Run, data_dir: Optional[str], device: torch.device, limit:
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
-        if (old.get("epoch") == best_epoch and old.get("spec") == {**spec, "eps_list": eps_list}):
+        if (old.get("epoch") == best_epoch and old.get("best_mtime_ns") == os.stat(best).st_mtime_ns
+                and old.get("spec") == {**spec, "eps_list": eps_list}):
             return old
     model, data = _load_best(best, data_dir, device, verify_checksums)
     n = min(int(spec["limit"]), len(data.x_test))
@@ -185,7 +186,8 @@ def evaluate_run(run: Run, data_dir: Optional[str], device: torch.device, limit:
                                          device=device)
         curve.append({"eps": eps, "accuracy": acc})
     headline = next(p["accuracy"] for p in curve if p["eps"] == float(spec["eps"]))
-    result = {"checkpoint": best, "epoch": best_epoch, "spec": {**spec, "eps_list": eps_list}, "n_test": n,
+    result = {"checkpoint": best, "epoch": best_epoch, "best_mtime_ns": os.stat(best).st_mtime_ns,
+              "spec": {**spec, "eps_list": eps_list}, "n_test": n,
               "attack": spec["attack"], "eps": float(spec["eps"]), "robust_accuracy": headline, "curve": curve}
     write_json(path, result)
     return result
@@ -208,13 +210,15 @@ def aggregate(runs: List[Run], evals: Dict[str, dict], out: str) -> List[dict]:
         groups.setdefault((run.recipe.name, run.method), []).append(run)
     for (name, method), members in groups.items():
         recipe = members[0].recipe
-        errors, robust, seeds = [], [], []
+        errors, robust, seeds, seconds, cpu = [], [], [], [], []
         for run in members:
             m = run.metrics()
             if not m.get("finished"):
                 continue
             best = int(m["best_epoch"])
             errors.append(float(m["epochs"][best - 1]["test_error"]))
+            seconds += [float(r["train_seconds"]) for r in m["epochs"]]
+            cpu += [float(r["train_cpu_seconds"]) for r in m["epochs"] if "train_cpu_seconds" in r]
             seeds.append(run.seed)
             if run.dir in evals:
                 robust.append(float(evals[run.dir]["robust_accuracy"]))
@@ -224,7 +228,9 @@ def aggregate(runs: List[Run], evals: Dict[str, dict], out: str) -> List[dict]:
         err_mean, err_std = _mean_std(errors)
         row = {"recipe": name, "row": recipe.row, "method": method, "n": len(errors),
                "seeds": " ".join(map(str, seeds)), "test_error_mean": err_mean, "test_error_std": err_std,
-               "paper": paper[0] if paper else "", "paper_std": paper[1] if paper else ""}
+               "paper": paper[0] if paper else "", "paper_std": paper[1] if paper else "",
+               "train_seconds_per_epoch": statistics.fmean(seconds),
+               "train_cpu_seconds_per_epoch": statistics.fmean(cpu) if cpu else float("nan")}
         if robust:
             spec = {**EVAL_DEFAULTS, **recipe.eval}
             rob_mean, rob_std = _mean_std(robust)
@@ -233,15 +239,18 @@ def aggregate(runs: List[Run], evals: Dict[str, dict], out: str) -> List[dict]:
         rows.append(row)
     write_csv(os.path.join(out, "summary.csv"), rows)
     lines = [f"ater-sweep on {machine_name()} (test error of best.pt, selected on validation, or the last epoch "
-             f"without one; mean +- sample std over n seeds; the paper's value +- its std in the next column)", ""]
-    header = ["recipe", "method", "n", "test error (%)", "paper (%)", "robust accuracy (%)", "attack"]
+             f"without one; mean +- sample std over n seeds; the paper's value +- its std in the next column; "
+             f"s/epoch: mean training time of an epoch on this machine, wall clock and process CPU time)", ""]
+    header = ["recipe", "method", "n", "test error (%)", "paper (%)", "robust accuracy (%)", "attack", "s/epoch",
+              "CPU s/epoch"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         paper = "" if r["paper"] == "" else f"{r['paper']:.2f} +- {r['paper_std']:.2f}"
         robust = _pm(r["robust_acc_mean"], r["robust_acc_std"], 1) if "robust_acc_mean" in r else "-"
         lines.append("| " + " | ".join([r["recipe"], r["method"].upper(), str(r["n"]),
                                          _pm(r["test_error_mean"], r["test_error_std"], 2), paper or "-", robust,
-                                         r.get("robust_attack", "-")]) + " |")
+                                         r.get("robust_attack", "-"), f"{r['train_seconds_per_epoch']:.1f}",
+                                         f"{r['train_cpu_seconds_per_epoch']:.1f}"]) + " |")
     text = "\n".join(lines) + "\n"
     write_text(os.path.join(out, "summary.md"), text)
     for name in dict.fromkeys(r["recipe"] for r in rows):

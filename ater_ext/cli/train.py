@@ -33,9 +33,9 @@ from .selection import DEFAULT_VAL_SIZE, SELECTIONS, Validation, selection_radiu
 from ..data import DATASETS, Dataset, balanced_label_split, load_dataset
 from ..models import MODELS, build_model, default_model, set_preprocess
 from ..train_step import backward_into_parameters
-from .common import (CliError, first_line, load_checkpoint, log, machine_name, nonnegative_float, pick_device, positive_float,
-                     positive_int, progress, rng_state, run_cli, save_torch, seed_everything, set_rng_state, spread_subset, write_csv,
-                     write_json)
+from .common import (CliError, first_line, load_checkpoint, log, machine_name, nonnegative_float, pick_device,
+                     positive_float, positive_int, progress, rng_state, run_cli, save_torch, seed_everything,
+                     set_rng_state, spread_subset, write_csv, write_json)
 
 METHODS = ("erm", "at", "vat", "ater", "vater", "pgd-at", "trades", "fgsm-rs")
 SEMI_SUPERVISED = ("vat", "vater")
@@ -50,13 +50,13 @@ NORMS = ("l2", "linf")
 # * svhn: 3.5, vat_tf's eps for SVHN with translation augmentation (README, "with augmentation"); vat_tf's
 #   SVHN data are (x*255 - 127.5)/255 = pixel - 0.5 with no whitening, so the radius is a pixel-space one as is.
 # * cifar10: 2.0 = vat_tf's 8.0 in ZCA-whitened space (with flip + translation) times the isotropic gain
-#   ||W^-1||_F / sqrt(D) = RMS per-pixel std of the data (ater_ext.preprocessing.whitening_radii), 0.245 for
-#   CIFAR-10 (its channel stds 0.247 / 0.243 / 0.261); UNCONFIRMED: not measured here (no CIFAR-10 files on this
-#   machine); `python -m ater_ext.cli.whitening --data-dir DIR` measures it.
+#   ||W^-1||_F / sqrt(D) = RMS per-pixel std of the data (ater_ext.preprocessing.whitening_radii), about 0.25 for
+#   CIFAR-10 (its channel stds 0.247 / 0.243 / 0.262, RMS 0.25); UNCONFIRMED: not measured here (no CIFAR-10
+#   files on this machine); `python -m ater_ext.cli.whitening --data-dir DIR` measures it.
 DEFAULT_RADIUS = {"mnist-5k": 2.0, "mnist": 2.0, "fashion-mnist": 2.0, "digits": 0.84, "svhn": 3.5, "cifar10": 2.0}
 RADIUS_PROVENANCE = ("mnist/mnist-5k/fashion-mnist 2.0 (the paper's MNIST eps), digits 0.84 (MNIST's 2.0 x the ratio "
                      "of median image norms, 3.88 / 9.21), svhn 3.5 (vat_tf's SVHN eps, pixel space), cifar10 2.0 "
-                     "(vat_tf's whitened 8.0 x the RMS pixel std 0.245, unconfirmed; see ater_ext.preprocessing)")
+                     "(vat_tf's whitened 8.0 x the RMS pixel std, about 0.25, unconfirmed; see ater_ext.preprocessing)")
 # --eps-adv in L-inf: the radii of Madry et al. / TRADES / Wong et al.: 0.3 on MNIST-like data, 8/255 on
 # CIFAR-10 and SVHN.
 DEFAULT_EPS_ADV_L2 = 2.0  # the paper's (MNIST); per dataset: DEFAULT_RADIUS
