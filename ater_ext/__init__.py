@@ -22,7 +22,8 @@ that pull in optional or heavy dependencies (``ater_ext.integrations.lightning``
 import importlib as _importlib
 
 from . import (atomic_io, attacks, checks, energy, gradient_bank, integrations, masking, metrics, models, modules,
-               objectives, ops, outputs, passes, randomness, reference, robustness, train_step)
+               objectives, ops, outputs, passes, preprocessing, randomness, reference, robustness, train_step,
+               xmax_study)
 from ._loader import BUILD_CPU_ISA
 from .energy import default_xi, energy_reg, x_max
 from .modules import ATERLoss, ATLoss, EnergyReg, ERMLoss, VATERLoss, VATLoss
@@ -38,7 +39,7 @@ __all__ = ["energy_reg", "x_max", "default_xi", "capture_rng_state", "resolve_ou
            "backward_into_parameters", "EnergyReg", "ERMLoss", "ATLoss", "VATLoss", "ATERLoss", "VATERLoss",
            "attacks", "metrics", "objectives", "ops", "reference", "models", "outputs", "modules", "integrations",
            "energy", "passes", "randomness", "checks", "gradient_bank", "train_step", "robustness", "masking",
-           "atomic_io", "BUILD_CPU_ISA",
+           "atomic_io", "preprocessing", "xmax_study", "BUILD_CPU_ISA",
            "__version__"]
 
 
