@@ -59,7 +59,7 @@ from torch.utils.flop_counter import flop_registry
 
 from . import ops
 from .checks import check_batch, check_choice, check_positive, resolve_loss_fn
-from .energy import check_steps, default_xi, x_max
+from .energy import default_xi, x_max
 from .outputs import OutputSpec
 from .passes import ExtraPasses, LossFn, capture_rng_state
 
@@ -150,7 +150,8 @@ def reference_x_max(model: nn.Module, x: Tensor, y: Tensor, starts: Sequence[Ten
     ``||grad_x L||`` in ``B(x, eps)`` from each of ``starts`` (and the starts
     themselves), with the exact gradient ``grad_z ||grad_z L(z)||`` (double
     backpropagation); step ``eps * a_t``, ``a_t`` from 0.25 down to 0.01 (cosine)."""
-    check_steps("reference_x_max", iters)
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"ater_ext.reference_x_max: iters must be an integer >= 1, got {iters!r}")
     loss_fn = resolve_loss_fn(loss_fn, "reference_x_max")
     x0 = x.detach()
     best, best_norm = None, None

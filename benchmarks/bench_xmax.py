@@ -277,17 +277,19 @@ def main(argv=None) -> int:
         write_text(os.path.join(args.out, f"{stem}-{name}.md"), text)
         print(os.path.join(args.out, f"{stem}-{name}.md"))
         return 0
+    report["machine_slug"] = name
+    os.makedirs(args.out, exist_ok=True)
     for model_name, dataset, state, model, data, eps in tqdm(cases(args), desc="x_max study"):
         t0 = time.perf_counter()
         results = run_case(model, data, model_name, eps, args)
         report["cases"].append({"model": model_name, "dataset": dataset, "state": state, "eps": eps,
                                 "seconds": time.perf_counter() - t0, "results": results})
-    report["load_after"] = [round(v, 2) for v in os.getloadavg()]
-    report["seconds"] = time.perf_counter() - start
-    report["machine_slug"] = name
-    os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, f"xmax-{name}.json"), report)
-    write_text(os.path.join(args.out, f"xmax-{name}.md"), markdown(report))
+        # written after every case, so that an interrupted run keeps what it measured
+        report["load_after"] = [round(v, 2) for v in os.getloadavg()]
+        report["seconds"] = time.perf_counter() - start
+        write_json(os.path.join(args.out, f"xmax-{name}.json"), report)
+        write_text(os.path.join(args.out, f"xmax-{name}.md"), markdown(report))
+        tqdm.write(f"{model_name} {dataset} {state}: {time.perf_counter() - t0:.0f} s")
     print(os.path.join(args.out, f"xmax-{name}.md"))
     return 0
 
