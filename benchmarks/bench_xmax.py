@@ -131,8 +131,8 @@ def markdown(report: dict) -> str:
              "**fwd-eq**: counted multiply-adds over one forward's (a first-order pass is 2: forward and "
              "input-gradient backward). **ms**: wall time of one fp32 run. bf16 = the penalty's bf16 autocast: "
              "the maximisers' passes run in fp32 by design, only the evaluation of the norm is bf16.", ""]
-    summary_names = ["random", "fd xi=0.001", "fd xi=0.1", "fd xi=0.5", "central xi=0.1", "hvp", "fd steps=4",
-                     "hvp steps=4", "fd steps=8"]
+    summary_names = ["random", "fd xi=0.0001", "fd xi=0.001", "fd xi=0.1", "fd xi=0.5", "central xi=0.1", "hvp",
+                     "fd steps=2", "fd steps=4", "fd steps=8", "hvp steps=2", "hvp steps=4", "hvp steps=8"]
     lines += ["## Summary: fraction of the reference reached (fp32)", "",
               "| model | dataset | state | clean | " + " | ".join(summary_names) + " |",
               "|---|---|---|---|" + "---|" * len(summary_names)]
@@ -140,6 +140,17 @@ def markdown(report: dict) -> str:
         rows = {r["name"]: r for r in case["results"]["fp32"]["methods"]}
         cells = [fmt(rows[n]["fraction"]) if n in rows else "-" for n in ["clean"] + summary_names]
         lines.append(f"| {case['model']} | {case['dataset']} | {case['state']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += ["Counted cost of each (forward-equivalents, fp32; the same for every state of a model):", "",
+              "| model | " + " | ".join(summary_names) + " | reference |", "|---|" + "---|" * (len(summary_names) + 1)]
+    seen = set()
+    for case in report["cases"]:
+        if case["model"] in seen:
+            continue
+        seen.add(case["model"])
+        rows = {r["name"]: r for r in case["results"]["fp32"]["methods"]}
+        lines.append(f"| {case['model']} | " + " | ".join(
+            fmt(rows[n]["forward_equivalents"], 1) if n in rows else "-" for n in summary_names + ["reference"]) + " |")
     lines.append("")
     for case in report["cases"]:
         res = case["results"]
@@ -245,6 +256,16 @@ def train_comparison(args, report: dict) -> Tuple[str, str]:
     return "xmax-train", "\n".join(lines) + "\n"
 
 
+def rewrite_markdown(json_path: str) -> str:
+    """The markdown of a results file again (e.g. after a change of the tables), from its JSON."""
+    import json
+    with open(json_path) as f:
+        report = json.load(f)
+    md = json_path[:-len(".json")] + ".md"
+    write_text(md, markdown(report))
+    return md
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", nargs="*", default=[], help="ater-train output folders (best.pt)")
@@ -257,12 +278,17 @@ def main(argv=None) -> int:
     p.add_argument("--fp64-big", action="store_true", help="also fp64 for conv-large and ResNet-18 (slow on CPU)")
     p.add_argument("--quick", action="store_true", help="batch 16, 4 big, steps 2 4, 8 reference steps")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--markdown-from", default=None, metavar="JSON",
+                   help="only rewrite the markdown of an earlier results file from its JSON")
     p.add_argument("--train-comparison", action="store_true", help="the training comparison instead of the study")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--best-direction", default="hvp", choices=["fd", "hvp"])
     p.add_argument("--best-steps", type=int, default=4)
     args = p.parse_args(argv)
+    if args.markdown_from:
+        print(rewrite_markdown(args.markdown_from))
+        return 0
     if args.quick:
         args.batch, args.big_batch, args.steps, args.reference_iters = 16, 4, [2, 4], 8
     report = {"machine": machine_name(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
