@@ -32,7 +32,7 @@ The maximisers (``name``: what it is):
   ascent of ``||grad_x L||`` in the ball with its exact gradient (double
   backpropagation), step ``eps * a_t`` with ``a_t`` decaying from 0.25 to 0.01;
   per row the best point of all those iterates and of every other maximiser's
-  point. It bounds from below what any maximiser can reach in the ball (points
+  point (``x`` itself included: the ball holds it). It bounds from below what any maximiser can reach in the ball (points
   inside the ball count too), so fractions are at most about 1 (rows of a
   batch-statistics BatchNorm model interact, so an assembled batch can move a
   little).
@@ -262,8 +262,6 @@ def study_x_max(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, pre
     best, best_norm = ref_point, ref_norm
     view = (-1,) + (1,) * (x.dim() - 1)
     for name, p in points.items():
-        if name == "clean":
-            continue
         better = norms[name] > best_norm
         best = torch.where(better.reshape(view), p, best)
         best_norm = torch.where(better, norms[name], best_norm)
@@ -279,7 +277,7 @@ def study_x_max(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, pre
         best, best_norm = ref_point, grad_norms(model, ref_point, y, loss_fn=loss_fn, rng_state=rng,
                                                 precision="bf16", output=output)
         for name, p in points.items():
-            if name in ("clean", "reference"):
+            if name == "reference":
                 continue
             better = bf16[name] > best_norm
             best = torch.where(better.reshape(view), p, best)
