@@ -32,10 +32,11 @@ The maximisers (``name``: what it is):
   ascent of ``||grad_x L||`` in the ball with its exact gradient (double
   backpropagation), step ``eps * a_t`` with ``a_t`` decaying from 0.25 to 0.01;
   per row the best point of all those iterates and of every other maximiser's
-  point. It bounds from below what any maximiser can reach in the ball (points
-  inside the ball count too), so fractions are at most about 1 (rows of a
-  batch-statistics BatchNorm model interact, so an assembled batch can move a
-  little).
+  point (``x`` itself included: the ball holds it). It bounds from below what
+  any maximiser can reach in the ball (points inside the ball count too), so
+  fractions are at most 1, up to the rows of a batch-statistics BatchNorm model,
+  which interact: a batch assembled row by row can move (up to 1.05 measured
+  on ResNet-18 at batch 8).
 
 Every pass runs through :class:`ater_ext.passes.ExtraPasses` from one captured
 RNG state (the same dropout masks for every maximiser) in the model's own
@@ -59,7 +60,7 @@ from torch.utils.flop_counter import flop_registry
 
 from . import ops
 from .checks import check_batch, check_choice, check_positive, resolve_loss_fn
-from .energy import check_steps, default_xi, x_max
+from .energy import default_xi, x_max
 from .outputs import OutputSpec
 from .passes import ExtraPasses, LossFn, capture_rng_state
 
@@ -150,7 +151,8 @@ def reference_x_max(model: nn.Module, x: Tensor, y: Tensor, starts: Sequence[Ten
     ``||grad_x L||`` in ``B(x, eps)`` from each of ``starts`` (and the starts
     themselves), with the exact gradient ``grad_z ||grad_z L(z)||`` (double
     backpropagation); step ``eps * a_t``, ``a_t`` from 0.25 down to 0.01 (cosine)."""
-    check_steps("reference_x_max", iters)
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"ater_ext.reference_x_max: iters must be an integer >= 1, got {iters!r}")
     loss_fn = resolve_loss_fn(loss_fn, "reference_x_max")
     x0 = x.detach()
     best, best_norm = None, None
@@ -261,8 +263,6 @@ def study_x_max(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, pre
     best, best_norm = ref_point, ref_norm
     view = (-1,) + (1,) * (x.dim() - 1)
     for name, p in points.items():
-        if name == "clean":
-            continue
         better = norms[name] > best_norm
         best = torch.where(better.reshape(view), p, best)
         best_norm = torch.where(better, norms[name], best_norm)
@@ -278,7 +278,7 @@ def study_x_max(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, pre
         best, best_norm = ref_point, grad_norms(model, ref_point, y, loss_fn=loss_fn, rng_state=rng,
                                                 precision="bf16", output=output)
         for name, p in points.items():
-            if name in ("clean", "reference"):
+            if name == "reference":
                 continue
             better = bf16[name] > best_norm
             best = torch.where(better.reshape(view), p, best)

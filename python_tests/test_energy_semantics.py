@@ -3,8 +3,9 @@
 
 * BatchNorm running statistics and ``num_batches_tracked`` are bit-identical
   afterwards, and a backward through a graph that was alive meanwhile works;
-* dropout: pass 1, pass 2 and the penalty see the same mask, so the finite
-  difference equals the exact HVP of the network with that mask;
+* dropout: pass 1, pass 2 and the penalty see the same mask, so on the smooth
+  (tanh) test model the finite difference equals the exact HVP of the network
+  with that mask;
 * ``.grad`` stays None, the train/eval mode of every submodule is unchanged,
   also when an exception is raised inside;
 * bad input raises an error that names the function.

@@ -291,3 +291,16 @@ def test_study_bad_precision_raises():
         study_x_max(model, x, y, precision="fp16")
     with pytest.raises(ValueError, match="fp32 model"):
         study_x_max(model, x, y, precision="fp32")  # x is fp64
+
+
+def test_ater_train_logs_the_ratio_per_epoch(tmp_path):
+    """ater-train's metrics pick up every stats key: train_xmax_grad_ratio per epoch, in JSON and CSV."""
+    import json
+
+    from ater_ext.cli import train
+    out = tmp_path / "run"
+    assert train.main(["--method", "ater", "--dataset", "digits", "--epochs", "1", "--device", "cpu",
+                       "--out", str(out), "--val-size", "0"]) == 0
+    rows = json.loads((out / "metrics.json").read_text())["epochs"]
+    assert len(rows) == 1 and rows[0]["train_xmax_grad_ratio"] > 0
+    assert "train_xmax_grad_ratio" in (out / "metrics.csv").read_text().splitlines()[0].split(",")
