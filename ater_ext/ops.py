@@ -193,11 +193,14 @@ def _row_norm_double_backward(ctx, upstream):
     return d_grad, d_g.reshape(g.shape), d_norm
 
 
-# Each differentiable op's Autograd kernel applies an autograd.Function with
-# setup_context (so torch.func.grad / vjp / jacrev / vmap can lift it; the
-# Function torch.library.register_autograd generates has none) whose forward
-# runs the op below autograd, and whose vmap rule is generated from the op's
-# own (see the vmap section).
+# Each differentiable op has an autograd.Function with setup_context, whose
+# forward runs the op below autograd and whose vmap rule functorch generates
+# from the op's own (see the vmap section). The op's Autograd kernel applies
+# it for plain autograd; under torch.func transforms the typed wrappers apply
+# it from Python (_call), because functorch lifts an autograd.Function only
+# when it is applied outside the dispatcher (and the Function that
+# torch.library.register_autograd generates has no setup_context at all,
+# which is why torch.func.grad over row_norm used to fail).
 def _no_setup(ctx, inputs, output):
     pass
 

@@ -145,7 +145,7 @@ def make_inputs(spec: OpSpec, shape: Sequence[int], dtype: torch.dtype, device: 
     return tensors, tuple(s * root_d for s in spec.scales)
 
 
-def make_variants(spec: OpSpec, tensors: tuple, scalars: tuple) -> Dict[str, Callable[[], Any]]:
+def make_variants(spec: OpSpec, tensors: tuple, scalars: tuple, compiled: bool = True) -> Dict[str, Callable[[], Any]]:
     """Zero-argument callables of every computing variant (copies excluded)."""
     args = (*tensors, *scalars)
     variants: Dict[str, Callable[[], Any]] = {"fused": functools.partial(spec.fused, *args)}
@@ -155,7 +155,8 @@ def make_variants(spec: OpSpec, tensors: tuple, scalars: tuple) -> Dict[str, Cal
     for name, fn in spec.extra:
         variants[name] = functools.partial(fn, *args)
     variants["eager"] = functools.partial(spec.eager, *args)
-    variants["compiled"] = functools.partial(torch.compile(spec.eager, dynamic=False), *args)
+    if compiled:
+        variants["compiled"] = functools.partial(torch.compile(spec.eager, dynamic=False), *args)
     return variants
 
 
@@ -225,12 +226,13 @@ def summarise(spec: OpSpec, shape: Sequence[int], dtype: torch.dtype, nbytes: in
     }
 
 
-def run_case(spec: OpSpec, shape: Sequence[int], dtype: torch.dtype, device: str, min_run_time: float) -> dict:
+def run_case(spec: OpSpec, shape: Sequence[int], dtype: torch.dtype, device: str, min_run_time: float,
+             compiled: bool = True) -> dict:
     """Check every variant against the oracle, then time them all; one results row."""
     torch.compiler.reset()  # one static graph per case; never hit dynamo's recompile limit
     tensors, scalars = make_inputs(spec, shape, dtype, device)
     want = spec.reference(*tensors, *scalars)
-    variants = make_variants(spec, tensors, scalars)
+    variants = make_variants(spec, tensors, scalars, compiled)
     label = f"{spec.name} {list(shape)} {dtype_name(dtype)}"
     for name, fn in variants.items():  # the first call also compiles / warms up
         tol = BF16_EAGER_REL_TOL if name == "eager" else BF16_REL_TOL
@@ -458,12 +460,26 @@ def write_report(report: dict, out_dir: Path) -> Tuple[Path, Path]:
 
 
 # --------------------------------------------------------------------- main
+def parse_shapes(text: str) -> Tuple[Tuple[int, ...], ...]:
+    """``"256x3072,8192x3072"`` -> ``((256, 3072), (8192, 3072))``."""
+    try:
+        shapes = tuple(tuple(int(d) for d in part.split("x")) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shapes must look like 256x3072,8192x3072, got {text!r}") from None
+    if any(len(s) < 2 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"every shape needs B and D >= 1, got {text!r}")
+    return shapes
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--quick", action="store_true", help="two shapes and short runs: a smoke test")
     p.add_argument("--no-layouts", action="store_true", help="CUDA: skip the table of both kernel layouts")
+    p.add_argument("--shapes", type=parse_shapes, default=None,
+                   help="comma-separated BxD shapes instead of the default list, e.g. 256x3072,8192x3072")
+    p.add_argument("--no-compiled", action="store_true", help="skip the torch.compile variant (its compile per case)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds per blocked_autorange (default: %s)"
                    % MIN_RUN_TIME_S)
@@ -477,7 +493,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_ops: --device cuda, but torch.cuda.is_available() is False")
     min_run_time = args.min_run_time or MIN_RUN_TIME_S["quick" if args.quick else "full"]
-    shapes = QUICK_SHAPES if args.quick else SHAPES + (CUDA_ONLY_SHAPES if args.device == "cuda" else ())
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES + (CUDA_ONLY_SHAPES if args.device == "cuda" else ()))
     cases = [(spec, shape, dtype) for spec in OPS for shape in shapes for dtype in DTYPES]
     slug, name = machine_info(args.device)
     log.info("%s: %d cases, min_run_time %.2f s, %d threads", name, len(cases), min_run_time, torch.get_num_threads())
@@ -486,7 +502,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     rows = []
     with logging_redirect_tqdm():
         for spec, shape, dtype in tqdm(cases, desc="bench_ops", unit="case"):
-            rows.append(run_case(spec, shape, dtype, args.device, min_run_time))
+            rows.append(run_case(spec, shape, dtype, args.device, min_run_time, not args.no_compiled))
 
     layout_rows = []
     if args.device == "cuda" and not args.no_layouts:

@@ -27,22 +27,31 @@
 # run unless they crash), 1 otherwise, 2 when preflight refused.
 #
 # How it fits 8 minutes (4 with --quick) on an H100 / H200 with 16 cores. No GPU has run it yet, so
-# every step has a hard cap (timeout) and the caps add up to the budget: preflight 15 s, build 150 s,
-# tests 100 s, memcheck 50 s, racecheck 30 s, bench_ops 60 s, bench_scaling 2 x 15 s, bench_step 45 s:
-# 480 s in all (--quick: 15 + 150 + 35 + 20 + 10 + 20 + 2 x 5 + 20 = 280 s; the build is the same in
-# both modes, so --quick reaches 4 min only when the build takes under 100 s: the estimate below says
-# it does). A step that hits its cap is reported as TIMEOUT (a failure for build / tests / sanitizers).
-# The caps come from these estimates:
-#   build: the CUDA translation unit compiled for one architecture (sm_90) took B2 s on this 2-core
-#          CPU machine (FORCE_CUDA=1, measured 2026-12-03, see the lead's notes); nvcc is
-#          single-threaded per file, so 16 cores help only the C++ files: about the same, ~B2 s;
-#   tests: pytest-xdist (-n 8; it is in the device image) over ~900 CUDA cases of small tensors, each
-#          a few ms of GPU time and ~10-50 ms of Python and CPU reference; ~60 s with CUDA start-up;
-#   sanitizers: ~50x slow-down of the GPU work and a slow CUDA start-up (~15 s) under the tool, so only
-#          fp32/bf16 boundary cases (memcheck) and the three shapes that use shared memory (racecheck);
-#   benchmarks: bench_ops at min_run_time 0.05 s: 30 cases x 7 variants x ~0.1 s + a torch.compile per
-#          case (~1 s warm) + 28 layout cases x 3 x ~0.1 s ~ 50 s; bench_scaling 30 cases x ~0.3 s;
-#          bench_step --rounds 5 on CUDA (ms per step) is dominated by its compile and capture warm-ups.
+# every step has a hard cap (timeout) and the caps add up to the budget (see --dry-run): preflight
+# 10 s, build 150 s, tests 85 s, memcheck 40 s, racecheck 25 s, bench_ops 70 s, bench_scaling
+# 2 x 10 s, bench_step 80 s: 480 s (--quick: 10 + 120 + 30 + 15 + 10 + 20 + 2 x 5 + 25 = 240 s).
+# A step that hits its cap is reported as TIMEOUT (a failure for build / tests / sanitizers), and the
+# run still ends inside the budget. The caps come from these estimates:
+#   build: measured on the 2-core CPU machine this was written on (shared, loaded; 2026-12-03):
+#          the CUDA kernels as one translation unit took 6 min 13 s for sm_90 alone, which no cap
+#          fits, so they are split into 9 units (entry points, then one per dtype and layout:
+#          csrc/cuda/row_ops_cuda_<layout>_<dtype>.cu), about 3 to 3.5 min each there with two
+#          compiling at once. ninja (MAX_JOBS=16) compiles all of them and the 4 C++ files at
+#          once on 16 cores, so the build takes about as long as its longest unit on a faster,
+#          unloaded core: ~60-100 s expected, cap 150 s (120 s in --quick);
+#   tests: pytest-xdist (-n 8; it is in the device image) over ~1500 CUDA cases of small tensors,
+#          each a few ms of GPU time and ~10-50 ms of Python and CPU reference: ~60 s with start-up;
+#   sanitizers: ~50x slow-down of the GPU work and a slow CUDA start-up (~15 s) under the tool, so
+#          memcheck takes the fp32 / bf16 boundary and alignment cases, racecheck the three shapes
+#          whose reductions go through shared memory;
+#   benchmarks: bench_ops at min_run_time 0.05 s on the two shapes that carry targets and the
+#          default-size comparison (256x3072, 8192x3072): 12 cases x 7 variants x ~0.1 s + a
+#          torch.compile per case (~2.5 s each on the CPU machine, a GPU's Triton compile likely
+#          more) + 28 layout cases x 3 x ~0.1 s: ~55 s (--quick: 8192x3072 without the compiled
+#          variant, and the short layout list);
+#          bench_scaling 30 cases x ~0.2 s per layout; bench_step --rounds 5 (ms per step on a GPU)
+#          is dominated by the warm-ups of its compile=True and compile="reduce-overhead" variants
+#          (inductor, ~5-10 s per case) and the capture, hence the largest benchmark cap.
 #
 # Needs torch with CUDA, nvcc, pytest (+ pytest-xdist if present). PYTHON chooses the interpreter
 # (default python3). Missing Python packages can be put as wheels in .whl/ (git ignores it): they are
@@ -75,19 +84,19 @@ TEST_K="cuda"
 MEMCHECK_K="test_path_boundaries_match_cpu and (fp32 or bf16) or test_misaligned_views_match_cpu and fp32 \
 or test_out_aliasing_an_input and fp32"
 RACECHECK_K="test_path_boundaries_match_cpu and fp32 and (1025 or 4097 or 70001)"
-BENCH_OPS_ARGS="--min-run-time 0.05"
+BENCH_OPS_ARGS="--min-run-time 0.05 --shapes 256x3072,8192x3072"
 BENCH_STEP_ARGS="--rounds 5"
-declare -A CAP=([preflight]=10 [build]=150 [tests]=100 [memcheck]=50 [racecheck]=30 [bench_ops]=60
-                [bench_scaling_rows]=15 [bench_scaling_adaptive]=15 [bench_step]=50)
+declare -A CAP=([preflight]=10 [build]=150 [tests]=85 [memcheck]=40 [racecheck]=25 [bench_ops]=70
+                [bench_scaling_rows]=10 [bench_scaling_adaptive]=10 [bench_step]=80)
 if [ "$QUICK" = 1 ]; then
     TEST_FILES="python_tests/test_cuda_kernels.py"
     TEST_K="(fp32 or bf16 or not fp) and not int64 and not grid_stride"
     MEMCHECK_K="test_path_boundaries_match_cpu and fp32 and (1025 or 70001 or 8)"
     RACECHECK_K="test_path_boundaries_match_cpu and fp32 and 70001"
-    BENCH_OPS_ARGS="--quick --min-run-time 0.02"
+    BENCH_OPS_ARGS="--quick --min-run-time 0.02 --shapes 8192x3072 --no-compiled"
     BENCH_STEP_ARGS="--quick"
-    CAP=([preflight]=10 [build]=120 [tests]=35 [memcheck]=20 [racecheck]=10 [bench_ops]=20
-         [bench_scaling_rows]=5 [bench_scaling_adaptive]=5 [bench_step]=15)
+    CAP=([preflight]=10 [build]=120 [tests]=30 [memcheck]=15 [racecheck]=10 [bench_ops]=20
+         [bench_scaling_rows]=5 [bench_scaling_adaptive]=5 [bench_step]=25)
 fi
 SCALING_ARGS="--min-run-time $([ "$QUICK" = 1 ] && echo 0.01 || echo 0.05)"
 STEPS="build tests memcheck racecheck bench_ops bench_scaling_rows bench_scaling_adaptive bench_step"
@@ -95,7 +104,7 @@ STEPS="build tests memcheck racecheck bench_ops bench_scaling_rows bench_scaling
 # The command of each step ($DIR, $ARCH, $XDIST and $NGPU are known by then).
 command_of() {
     case "$1" in
-        build) echo "FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=\$ARCH MAX_JOBS=16 $PY setup.py build_ext --inplace" ;;
+        build) echo "FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=\$ARCH MAX_JOBS=16 LIBRARY_PATH=\$CUDA_LIBS $PY setup.py build_ext --inplace" ;;
         tests) echo "$PY -m pytest $TEST_FILES \$DISTRIBUTED -k '$TEST_K' -q -p no:cacheprovider \$XDIST --junitxml=\$DIR/tests.xml" ;;
         memcheck) echo "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 --target-processes all $PY -m pytest python_tests/test_cuda_kernels.py -q -p no:cacheprovider -x -k '$MEMCHECK_K'" ;;
         racecheck) echo "compute-sanitizer --tool racecheck --error-exitcode 9 --target-processes all $PY -m pytest python_tests/test_cuda_kernels.py -q -p no:cacheprovider -x -k '$RACECHECK_K'" ;;
@@ -148,7 +157,10 @@ XDIST=""
 "$PY" -c "import xdist" 2> /dev/null && XDIST="-n $([ "$QUICK" = 1 ] && echo 4 || echo 8)"
 DISTRIBUTED=""
 [ "$NGPU" -ge 2 ] && [ "$QUICK" = 0 ] && DISTRIBUTED="python_tests/test_distributed.py"
-export DIR ARCH XDIST DISTRIBUTED
+# where the linker finds -lcudart: toolkits put it in lib64 or lib (seen: /usr/local/cuda-13.0/lib)
+CUDA_ROOT=$(dirname "$(dirname "$(realpath "$NVCC")")")
+CUDA_LIBS="$CUDA_ROOT/lib64:$CUDA_ROOT/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+export DIR ARCH XDIST DISTRIBUTED CUDA_LIBS
 {
     echo "gpu: $GPU_LINE"
     echo "gpus: $NGPU"

@@ -26,6 +26,7 @@ from _ops_common import (
     SCALES,
     STEP_OPS,
     assert_norm_close,
+    assert_norm_matches_truth,
     assert_step_close,
     call,
     make,
@@ -211,7 +212,10 @@ def test_single_long_row_split_matches_cpu(rows, layout):
     x, gs = step_inputs("fd_direction", (rows, 10_000_003), torch.float32, "cuda")
     assert_matches_cpu("fd_direction", x, gs, (2.0,), what=f"{layout} long row")
     gs[-1][0, 5] = float("inf")
-    assert_norm_matches_cpu(gs[-1], what=f"{layout} long row with inf")
+    n = ops.row_norm(gs[-1])
+    assert bool(n[0].isposinf())
+    # against the float64 truth: the CPU kernel's own fp32 sums of 1e7 squares carry ~1e-5 error
+    assert_norm_matches_truth(n, gs[-1], what=f"{layout} long rows")
 
 
 # -------------------------------------------------------------- int64 index
