@@ -73,9 +73,11 @@ def fd_direction(x: Tensor, g0: Tensor, g1: Tensor, eps: float, *, out: Optional
     """``x + eps * (g1 - g0) / ||g1 - g0||`` per row: the paper's Eq. 15.
 
     With ``g0 = grad_x L(x)`` and ``g1 = grad_x L(x + xi * g0 / ||g0||)``, the
-    normalised difference approximates the direction ``H g0 / ||H g0||`` in
-    which the input-gradient norm grows fastest; ``xi`` cancels in the
-    normalisation. The difference is taken in fp32 (fp64 for fp64 inputs).
+    normalised difference approximates ``H g0 / ||H g0||`` (the direction in
+    which the input-gradient norm grows fastest) only when no ReLU / max-pool
+    kink or tie lies within ``xi`` of ``x``: true at initialisation, while on
+    trained ReLU models the two can be unrelated (see
+    ``benchmarks/results/xmax-*.md``); ``xi`` cancels in the normalisation. The difference is taken in fp32 (fp64 for fp64 inputs).
     Gradients flow to ``x`` only. ``out`` as in :func:`normalized_step`.
     """
     if out is not None:

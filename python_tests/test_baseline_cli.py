@@ -69,6 +69,8 @@ def test_defaults_per_norm():
     (["--method", "ater", "--steps", "3"], ["--steps", "ater"]),
     (["--method", "pgd-at", "--beta", "3"], ["--beta", "pgd-at"]),
     (["--method", "erm", "--norm", "linf"], ["--norm", "erm"]),
+    (["--method", "at", "--xmax-steps", "2"], ["--xmax-steps", "at"]),
+    (["--method", "ater", "--xmax-steps", "0"], ["--xmax-steps", "0"]),
 ])
 def test_bad_baseline_options_are_one_line_errors(tmp_path, capsys, argv, needles):
     rc, _, err = train_cli([*argv, *TINY, "--out", tmp_path / "run"], capsys)
@@ -115,3 +117,25 @@ def test_autoattack_radius_is_the_training_one_in_the_same_norm(train_norm, aa_n
             evaluate.aa_radius(args, target)
     else:
         assert evaluate.aa_radius(args, target) == pytest.approx(want)
+
+
+def test_ater_maximiser_options_reach_the_objective(tmp_path, capsys):
+    """--xmax-direction / --xmax-steps: ater_loss's direction= and steps=, recorded in the checkpoint."""
+    args = train.build_parser().parse_args(["--method", "ater", "--xmax-direction", "hvp", "--xmax-steps", "2",
+                                            *DIGITS])
+    cfg = train.config_from_args(args)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    got, stats = train.objective(cfg, model, x, y, None, None)
+    want, _ = objectives.ater_loss(model, x, y, eps_adv=cfg.eps_adv, eps=cfg.eps, lam=cfg.lam, direction="hvp",
+                                   steps=2)
+    plain, _ = objectives.ater_loss(model, x, y, eps_adv=cfg.eps_adv, eps=cfg.eps, lam=cfg.lam)
+    assert torch.equal(got, want) and not torch.equal(got, plain)
+    out = tmp_path / "hvp"
+    rc, _, err = train_cli(["--method", "ater", "--xmax-direction", "hvp", "--xmax-steps", "2", *TINY, "--out", out],
+                           capsys)
+    assert rc == 0, err
+    config = load_checkpoint(str(out / "best.pt"))["config"]
+    assert (config["xmax_direction"], config["xmax_steps"]) == ("hvp", 2)
+    assert "train_xmax_grad_ratio" in read_metrics(out)["epochs"][0]

@@ -41,6 +41,9 @@ METHODS = ("erm", "at", "vat", "ater", "vater", "pgd-at", "trades", "fgsm-rs")
 SEMI_SUPERVISED = ("vat", "vater")
 BASELINES = ("pgd-at", "trades", "fgsm-rs")  # multi-step / single-step baselines (ater_ext.objectives)
 NORMS = ("l2", "linf")
+# Options that only some methods read (given to another method, they are refused).
+OPTION_READERS = {"norm": BASELINES, "steps": ("pgd-at", "trades"), "beta": ("trades",),
+                  "xmax_direction": ("ater", "vater"), "xmax_steps": ("ater", "vater")}
 
 # Dataset-aware L2 radii in [0, 1] pixel space, used by --eps (x_max), --eps-adv (in L2) and --eps-vat
 # when they are not given. Provenance (also in --help):
@@ -70,7 +73,8 @@ PAPER_LAM = {"cifar10": 0.5, "svhn": 0.5}
 # "epochs" may be raised on --resume (an extension, see Trainer.resume).
 RUN_FIELDS = ("method", "dataset", "model", "labels", "epochs", "batch_size", "ul_batch_size", "lr", "eps",
               "eps_adv", "eps_vat", "lam", "xi", "seed", "amp", "val_size", "select", "select_subset", "norm", "steps",
-              "beta", "decay_start", "updates_per_epoch", "preprocess", "zca_eps", "augment")
+              "beta", "decay_start", "updates_per_epoch", "preprocess", "zca_eps", "augment", "xmax_direction",
+              "xmax_steps")
 
 
 @dataclass
@@ -111,6 +115,8 @@ class TrainConfig:
     quiet: bool = False
     tensorboard: Optional[str] = None
     verify_checksums: bool = True
+    xmax_direction: str = "fd"  # how ater/vater find x_max (ater_ext.x_max's direction= and steps=)
+    xmax_steps: int = 1
 
 
 def augment_type(text):
@@ -166,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help="attack steps of pgd-at and trades (default 10; step size 2.5 * eps / steps)")
     p.add_argument("--beta", type=float, default=None, help="TRADES's KL weight (default 6, TRADES's)")
+    p.add_argument("--xmax-direction", choices=("fd", "hvp"), default=None,
+                   help="ater/vater: x_max's ascent direction, the paper's finite difference (fd, default) or the "
+                        "exact Hessian-vector product (hvp); see benchmarks/results/xmax-*.md")
+    p.add_argument("--xmax-steps", type=int, default=None,
+                   help="ater/vater: steps of projected ascent of ||grad_x L|| for x_max (default 1, the paper's "
+                        "Eq. 15; the x_max study found hvp with 4 steps reaches 2-4x the one-step norm)")
     p.add_argument("--eps-vat", type=positive_float, default=None,
                    help="L2 radius of VAT's r_vat in pixel space; default per dataset as --eps (the VAT paper's 2.0 on "
                         "MNIST; its CIFAR-10 8.0 is in ZCA-whitened space)")
@@ -259,18 +271,21 @@ def config_from_args(args: argparse.Namespace, recipe: Optional[recipes.Recipe] 
         decay_start=args.decay_start, updates_per_epoch=args.updates_per_epoch, preprocess=args.preprocess,
         zca_eps=args.zca_eps, augment=args.augment, recipe=recipe.name if recipe is not None else "",
         quiet=args.quiet, tensorboard=args.tensorboard, verify_checksums=not args.no_verify_checksums,
+        xmax_direction=args.xmax_direction or "fd", xmax_steps=args.xmax_steps or 1,
         out=args.out or os.path.join("results", f"{args.method}-{args.dataset}"))
 
 
 def baseline_options(args: argparse.Namespace):
-    """``(norm, steps, beta)`` checked against the method: each option only where the method reads it."""
+    """The baselines' ``(norm, steps, beta)``; every method-specific option (``OPTION_READERS``) is
+    checked against the method: each only where the method reads it."""
     method = args.method
-    readers = {"--norm": ("pgd-at", "trades", "fgsm-rs"), "--steps": ("pgd-at", "trades"), "--beta": ("trades",)}
-    for flag, methods in readers.items():
-        if getattr(args, flag[2:]) is not None and method not in methods:
+    for dest, methods in OPTION_READERS.items():
+        flag = "--" + dest.replace("_", "-")
+        if getattr(args, dest) is not None and method not in methods:
             raise CliError(f"{flag} applies to --method {' / '.join(methods)}, not {method}")
-    if args.steps is not None and args.steps < 1:
-        raise CliError(f"--steps must be an integer >= 1, got {args.steps}")
+    for flag, value in (("--steps", args.steps), ("--xmax-steps", args.xmax_steps)):
+        if value is not None and value < 1:
+            raise CliError(f"{flag} must be an integer >= 1, got {value}")
     if args.beta is not None and not (math.isfinite(args.beta) and args.beta > 0):
         raise CliError(f"--beta must be a finite number > 0, got {args.beta}")
     if method == "fgsm-rs" and args.norm == "l2":
@@ -378,7 +393,8 @@ def objective(cfg: TrainConfig, model, x, y, x_ul, scaler):
         return objectives.fgsm_rs_loss(model, x, y, eps=cfg.eps_adv)
     if cfg.method == "ater":
         return objectives.ater_loss(model, x, y, eps_adv=cfg.eps_adv, eps=cfg.eps, lam=cfg.lam, xi=cfg.xi,
-                                    scaler=scaler, compile=cfg.compile)
+                                    scaler=scaler, compile=cfg.compile, direction=cfg.xmax_direction,
+                                    steps=cfg.xmax_steps)
     x_ul = x_ul if x_ul is not None else x[:0]
     if cfg.method == "vat":
         ce = F.cross_entropy(model(x), y)
@@ -386,7 +402,8 @@ def objective(cfg: TrainConfig, model, x, y, x_ul, scaler):
         loss = ce + vat
         return loss, objectives.detached_stats(loss=loss, ce=ce, vat=vat)
     return objectives.vater_loss(model, x, y, x_ul, eps_vat=cfg.eps_vat, eps=cfg.eps, lam=cfg.lam, xi=cfg.xi,
-                                 xi_vat=cfg.xi, scaler=scaler, compile=cfg.compile)
+                                 xi_vat=cfg.xi, scaler=scaler, compile=cfg.compile, direction=cfg.xmax_direction,
+                                 steps=cfg.xmax_steps)
 
 
 def schedule(optimizer, cfg: TrainConfig, step: int, total: int, steps_per_epoch: int = 1) -> float:
@@ -712,8 +729,7 @@ def write_config(cfg: TrainConfig, recipe: Optional[recipes.Recipe]) -> None:
 
     keys = [f.name for f in fields(TrainConfig) if f.name not in recipes.NOT_IN_RECIPES
             and f.name not in ("recipe", "compile", "sync_bn", "verify_checksums")]
-    readers = {"norm": BASELINES, "steps": ("pgd-at", "trades"), "beta": ("trades",)}  # see baseline_options
-    keys = [k for k in keys if cfg.method in readers.get(k, (cfg.method,))]
+    keys = [k for k in keys if cfg.method in OPTION_READERS.get(k, (cfg.method,))]
     train_table = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) is not None}
     doc = {"recipe": {"name": cfg.recipe or f"{cfg.method}-{cfg.dataset}", "methods": [cfg.method],
                       "description": f"resolved settings of the run in {cfg.out}"
