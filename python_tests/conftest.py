@@ -28,3 +28,12 @@ def dynamo_reset():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (tiny training runs spend more on thread hand-offs than on work)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

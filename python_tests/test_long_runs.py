@@ -18,12 +18,7 @@ BASE = ["--method", "erm", *DIGITS, "--model", "lenet", "--updates-per-epoch", "
         "--select-subset", "10"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny runs are faster on one thread
 
 
 def test_extend_a_finished_run(tmp_path, capsys, caplog):

@@ -22,12 +22,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 COLUMNS = {"baseline": "erm", "AT (L2)": "at", "VAT": "vat", "ATER": "ater", "VATER": "vater"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny runs are faster on one thread
 
 
 def paper_table():

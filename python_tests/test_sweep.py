@@ -36,12 +36,7 @@ eps_list = [0, 0.5, 1.0]
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny runs are faster on one thread
 
 
 def sweep_cli(argv, capsys):
