@@ -96,12 +96,20 @@ def hvp_x_max(passes: ExtraPasses, x: Tensor, y: Tensor, grad_x: Optional[Tensor
               eps: float, clamp) -> Tuple[Tensor, Tensor]:
     """``(x + eps * normalize(H(x) normalize(g)), g)`` with the exact Hessian-vector product
     (``g = grad_x`` when given, else computed here; returned detached)."""
-    g, x_leaf = passes.input_grad(x, y, loss_fn, create_graph=True)
-    u_source = g.detach() if grad_x is None else grad_x.detach().to(g.dtype)
+    u_source, hv = hessian_vector(passes, x, y, loss_fn, grad_x)
+    return clamp_to(ops.normalized_step(x.detach().to(hv.dtype), hv, eps), clamp).to(x.dtype), u_source
+
+
+def hessian_vector(passes: ExtraPasses, z: Tensor, y: Tensor, loss_fn: LossFn,
+                   u_source: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``(u_source, H(z) normalize(u_source))`` by double backpropagation, ``u_source``
+    defaulting to ``grad_x L(z)`` (returned detached, in the passes' dtype)."""
+    g, z_leaf = passes.input_grad(z, y, loss_fn, create_graph=True)
+    u_source = g.detach() if u_source is None else u_source.detach().to(g.dtype)
     u = ops.normalized_step(torch.zeros_like(u_source), u_source, 1.0)
     with torch.enable_grad():
-        (hv,) = torch.autograd.grad(g, x_leaf, grad_outputs=u)
-    return clamp_to(ops.normalized_step(x.detach().to(hv.dtype), hv, eps), clamp).to(x.dtype), u_source
+        (hv,) = torch.autograd.grad(g, z_leaf, grad_outputs=u)
+    return u_source, hv
 
 
 # Step length of the ascent steps after the first, as a fraction of eps (see ascend_x_max). Chosen on the
@@ -121,13 +129,8 @@ def _ascent_step(passes: ExtraPasses, x: Tensor, z: Tensor, y: Tensor, loss_fn: 
     (one double-backprop pass; ``"hvp"``).
     """
     if direction == "hvp":
-        gz, z_leaf = passes.input_grad(z, y, loss_fn, create_graph=True)
-        u = ops.normalized_step(torch.zeros_like(gz), gz.detach(), 1.0)
-        with torch.enable_grad():
-            (hv,) = torch.autograd.grad(gz, z_leaf, grad_outputs=u)
-        zw = z.detach().to(hv.dtype)
-        moved = ops.normalized_step(zw, hv, step)
-        gz = gz.detach()
+        gz, hv = hessian_vector(passes, z, y, loss_fn)
+        moved = ops.normalized_step(z.detach().to(hv.dtype), hv, step)
     else:
         gz, _ = passes.input_grad(z, y, loss_fn)
         zw = z.detach().to(gz.dtype)
