@@ -125,20 +125,21 @@ def _ascent_step(passes: ExtraPasses, x: Tensor, z: Tensor, y: Tensor, loss_fn: 
     The next point is ``z + step * normalize(d)`` pulled back onto the sphere,
     ``x + eps * normalize(. - x)``, with ``d = H(z) normalize(grad_x L(z))``: by the
     finite difference ``grad_x L(z + xi u) - grad_x L(z)`` (two first-order passes,
-    fused probe and step launches; ``direction="fd"``) or the exact product
+    the fused probe launch and the fused step-and-projection launch
+    :func:`ater_ext.ops.fd_sphere_step`; ``direction="fd"``) or the exact product
     (one double-backprop pass; ``"hvp"``).
     """
     if direction == "hvp":
         gz, hv = hessian_vector(passes, z, y, loss_fn)
         moved = ops.normalized_step(z.detach().to(hv.dtype), hv, step)
+        x0 = x.detach().to(moved.dtype)
+        nxt = ops.normalized_step(x0, moved - x0, eps)
     else:
         gz, _ = passes.input_grad(z, y, loss_fn)
         zw = z.detach().to(gz.dtype)
         g2, _ = passes.input_grad(clamp_to(ops.normalized_step(zw, gz, xi), clamp), y, loss_fn)
-        moved = ops.fd_direction(zw, gz, g2, step)
-    x0 = x.detach().to(moved.dtype)
-    nxt = clamp_to(ops.normalized_step(x0, moved - x0, eps), clamp).to(x.dtype)
-    return ops.row_norm(gz), nxt
+        nxt = ops.fd_sphere_step(x.detach().to(gz.dtype), zw, gz, g2, step, eps)
+    return ops.row_norm(gz), clamp_to(nxt, clamp).to(x.dtype)
 
 
 def ascend_x_max(passes: ExtraPasses, x: Tensor, y: Tensor, first: Tensor, loss_fn: LossFn, *, eps: float,

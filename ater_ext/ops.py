@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import _loader  # registers torch.ops.ater_ext
 
-__all__ = ["normalized_step", "dual_normalized_step", "fd_direction", "row_norm", "CUDA_LAYOUTS",
+__all__ = ["normalized_step", "dual_normalized_step", "fd_direction", "fd_sphere_step", "row_norm", "CUDA_LAYOUTS",
            "get_cuda_layout", "set_cuda_layout", "cuda_layout", "FUNCTIONS"]
 
 _ops = torch.ops.ater_ext
@@ -84,6 +84,35 @@ def fd_direction(x: Tensor, g0: Tensor, g1: Tensor, eps: float, *, out: Optional
         _ops.fd_direction.out(x, g0, g1, float(eps), out=out)
         return out
     return _call("fd_direction", x, g0, g1, float(eps))
+
+
+def fd_sphere_step(x: Tensor, z: Tensor, g0: Tensor, g1: Tensor, step: float, eps: float) -> Tensor:
+    """``x + eps * normalize(z + step * normalize(g1 - g0) - x)`` per row, in one launch.
+
+    One finite-difference step of the projected ascent of ``||grad_x L||`` on the
+    sphere of ``B(x, eps)`` (``x_max(..., steps=k)``): from the current point ``z``,
+    with ``g0 = grad_x L(z)`` and ``g1 = grad_x L(z + xi * g0 / ||g0||)``, move
+    ``step`` along the normalised difference and pull the result back onto the
+    sphere around ``x``. The same as
+    ``normalized_step(x, fd_direction(z, g0, g1, step) - x, eps)`` up to rounding,
+    without the intermediate tensors and launches. Both differences are taken
+    in fp32 (fp64 for fp64 inputs). Zero rows as the other ops: ``g1 == g0``
+    leaves ``z`` unmoved before the projection; a moved point equal to ``x``
+    gives ``x``.
+
+    Args:
+        x: ``[B, ...]`` centres of the balls.
+        z: ``[B, ...]`` current points (typically on the sphere).
+        g0, g1: ``[B, ...]`` input gradients at ``z`` and at the probe.
+        step: length of the move along the difference, finite and > 0.
+        eps: radius of the sphere, finite and > 0.
+
+    All tensors share shape, dtype and device. Differentiable (also twice) in
+    every tensor with the true derivative of the formula (unlike the other
+    steps, whose perturbation is a constant: here the projection depends on
+    ``x`` and ``z``); at a zero row the normalisation contributes nothing.
+    """
+    return _call("fd_sphere_step", x, z, g0, g1, float(step), float(eps))
 
 
 def row_norm(g: Tensor) -> Tensor:
@@ -165,6 +194,46 @@ def _fd_direction_backward(ctx, grad):
     return grad, None, None, None
 
 
+def _fd_sphere_step_setup(ctx, inputs, output):
+    x, z, g0, g1, step, eps = inputs
+    ctx.save_for_backward(x, z, g0, g1)
+    ctx.step, ctx.eps = step, eps
+
+
+def _project_out(v: Tensor, unit: Tensor) -> Tensor:
+    """``v - unit <unit, v>`` per row ([B, D])."""
+    return v - unit * (unit * v).sum(dim=1, keepdim=True)
+
+
+def _unit_and_inverse_norm(v: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(v / ||v||, 1 / ||v||)`` per row of a [B, D] tensor, both 0 at a zero row."""
+    n = row_norm(v)[:, None]
+    inv = torch.where(n > 0, 1.0 / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(n))
+    return v * inv, inv
+
+
+def _fd_sphere_step_backward(ctx, grad):
+    """The vector-Jacobian product of ``x + eps * m / ||m||`` with
+    ``m = z + step * d / ||d|| - x`` and ``d = g1 - g0``, in plain differentiable
+    ops (in fp32, fp64 for fp64 inputs)."""
+    x, z, g0, g1 = ctx.saved_tensors
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def rows(t):
+        return t.reshape(t.shape[0], -1).to(acc)
+
+    d_unit, d_inv = _unit_and_inverse_norm(rows(g1) - rows(g0))
+    m_unit, m_inv = _unit_and_inverse_norm(rows(z) + ctx.step * d_unit - rows(x))
+    w = rows(grad)
+    grad_m = _project_out(w, m_unit) * (ctx.eps * m_inv)
+    grad_d = _project_out(grad_m, d_unit) * (ctx.step * d_inv)
+
+    def back(v, like):
+        return v.to(like.dtype).reshape(like.shape)
+
+    return back(w - grad_m, x), back(grad_m, z), back(-grad_d, g0), back(grad_d, g1), None, None
+
+
 def _row_norm_setup(ctx, inputs, output):
     (g,) = inputs
     ctx.save_for_backward(g, output)
@@ -243,6 +312,7 @@ _AUTOGRAD = {
     "normalized_step": (_step_backward, _no_setup),
     "dual_normalized_step": (_dual_step_backward, _no_setup),
     "fd_direction": (_fd_direction_backward, _no_setup),
+    "fd_sphere_step": (_fd_sphere_step_backward, _fd_sphere_step_setup),
     "row_norm": (_row_norm_backward, _row_norm_setup),
     "row_norm_backward": (_row_norm_double_backward, _row_norm_backward_setup),
 }
@@ -294,6 +364,6 @@ def _vmap_rule(op):
     return rule
 
 
-for _name in ("normalized_step", "dual_normalized_step", "fd_direction", "row_norm", "row_norm_backward"):
+for _name in _AUTOGRAD:
     torch.library.register_vmap(f"ater_ext::{_name}", _vmap_rule(getattr(_ops, _name).default))
 del _name

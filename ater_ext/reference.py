@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["acc_dtype", "normalize", "row_norm", "normalized_step", "dual_normalized_step", "fd_direction"]
+__all__ = ["acc_dtype", "normalize", "row_norm", "normalized_step", "dual_normalized_step", "fd_direction",
+           "fd_sphere_step"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -77,6 +78,13 @@ def fd_direction(x: torch.Tensor, g0: torch.Tensor, g1: torch.Tensor, eps: float
     """x + eps * normalize(g1 - g0), the difference taken in the accumulation dtype (Eq. 15)."""
     diff = _rows(g1) - _rows(g0)
     return _step(x, normalize(diff), eps)
+
+
+def fd_sphere_step(x: torch.Tensor, z: torch.Tensor, g0: torch.Tensor, g1: torch.Tensor, step: float,
+                   eps: float) -> torch.Tensor:
+    """x + eps * normalize(z + step * normalize(g1 - g0) - x), every difference in the accumulation dtype."""
+    moved = _rows(z) + step * normalize(_rows(g1) - _rows(g0)) - _rows(x)
+    return _step(x, normalize(moved), eps)
 
 
 # =============================================================================

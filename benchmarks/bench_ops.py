@@ -6,6 +6,8 @@ For every op, shape and dtype one run times these variants side by side:
     fused             the ater_ext op, allocating its output
     fused_out         the ater_ext op writing into a preallocated ``out=`` buffer
     two_calls         (dual_normalized_step only) two ``normalized_step`` calls
+    unfused_ops       (fd_sphere_step only) the three ater_ext launches it fuses:
+                      ``normalized_step(x, fd_direction(z, g0, g1, step) - x, eps)``
     eager             the plain PyTorch composition (``eager_*`` below)
     compiled          ``torch.compile(eager, dynamic=False)``, warmed up
     copy_same_bytes   ``dst.copy_(src)`` moving as many bytes as the op (pair of fused_out)
@@ -24,7 +26,10 @@ views that start off a 16-byte boundary) in both kernel layouts
 same bytes, after checking both layouts against the oracle (``--no-layouts``
 skips it).
 
-    python benchmarks/bench_ops.py [--device cpu|cuda] [--quick] [--no-layouts] [--out benchmarks/results]
+    python benchmarks/bench_ops.py [--device cpu|cuda] [--quick] [--no-layouts] [--ops fd_sphere_step ...]
+                                   [--out benchmarks/results]
+
+``--ops`` times only the ops named (then the files are ``<machine>-<ops>.*``).
 """
 from __future__ import annotations
 
@@ -67,7 +72,7 @@ FP32_TOL = 1e-5
 BF16_REL_TOL = 1e-2
 BF16_EAGER_REL_TOL = 6 * 2.0**-8
 
-COMPARED = ("eager", "compiled", "two_calls")  # speedup of fused over each of these
+COMPARED = ("eager", "compiled", "two_calls", "unfused_ops")  # speedup of fused over each of these
 BANDWIDTH_VARIANTS = ("fused", "fused_out", "copy_same_bytes", "clone_same_bytes")
 BUSY_CPUS = 0.2  # warn when other processes used more CPUs than this while a case was timed
 
@@ -103,6 +108,17 @@ def two_normalized_steps(x: Tensor, g: Tensor, a: float, b: float) -> Tuple[Tens
     return ops.normalized_step(x, g, a), ops.normalized_step(x, g, b)
 
 
+def eager_fd_sphere_step(x: Tensor, z: Tensor, g0: Tensor, g1: Tensor, step: float, eps: float) -> Tensor:
+    """``x + eps * normalize(z + step * normalize(g1 - g0) - x)`` per row, in plain PyTorch."""
+    moved = eager_fd_direction(z, g0, g1, step) - x
+    return eager_normalized_step(x, moved, eps)
+
+
+def unfused_sphere_step(x: Tensor, z: Tensor, g0: Tensor, g1: Tensor, step: float, eps: float) -> Tensor:
+    """``fd_sphere_step`` as three ater_ext launches (what ``x_max(steps=k)`` ran before the fusion)."""
+    return ops.normalized_step(x, ops.fd_direction(z, g0, g1, step) - x, eps)
+
+
 # ------------------------------------------------------------------ the ops
 @dataclass(frozen=True)
 class OpSpec:
@@ -133,6 +149,10 @@ OPS = (
     OpSpec(
         "dual_normalized_step", 2, 2, (0.5, 0.25), ops.dual_normalized_step, eager_dual_normalized_step,
         reference.dual_normalized_step, has_out=False, extra=(("two_calls", two_normalized_steps),),
+    ),
+    OpSpec(
+        "fd_sphere_step", 4, 1, (0.5, 0.5), ops.fd_sphere_step, eager_fd_sphere_step, reference.fd_sphere_step,
+        has_out=False, extra=(("unfused_ops", unfused_sphere_step),),
     ),
 )
 
@@ -391,7 +411,7 @@ def _num(value: Optional[float], fmt: str) -> str:
 
 def markdown_table(rows: List[dict]) -> str:
     """One table of medians, speedups, bandwidths and ratios; columns are the variants present."""
-    variants = [v for v in ("fused", "fused_out", "two_calls", "eager", "compiled", "copy_same_bytes",
+    variants = [v for v in ("fused", "fused_out", "two_calls", "unfused_ops", "eager", "compiled", "copy_same_bytes",
                             "clone_same_bytes") if any(v in r["median_s"] for r in rows)]
     speedups = [k for k in COMPARED if any(k in r["speedup_of_fused"] for r in rows)]
     short = lambda v: v.removesuffix("_same_bytes")  # noqa: E731
@@ -452,7 +472,7 @@ def render_markdown(report: dict) -> str:
 def write_report(report: dict, out_dir: Path) -> Tuple[Path, Path]:
     """``<slug>.json`` (everything) and ``<slug>.md`` (tables and targets) under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = report["machine"] + ("-quick" if report["quick"] else "")
+    stem = "-".join([report["machine"], *(report.get("ops") or [])]) + ("-quick" if report["quick"] else "")
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     write_json(str(json_path), report)
     write_text(str(md_path), render_markdown(report))
@@ -479,6 +499,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-layouts", action="store_true", help="CUDA: skip the table of both kernel layouts")
     p.add_argument("--shapes", type=parse_shapes, default=None,
                    help="comma-separated BxD shapes instead of the default list, e.g. 256x3072,8192x3072")
+    p.add_argument("--ops", nargs="+", choices=[spec.name for spec in OPS], default=None,
+                   help="time only these ops")
     p.add_argument("--no-compiled", action="store_true", help="skip the torch.compile variant (its compile per case)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds per blocked_autorange (default: %s)"
@@ -494,7 +516,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit("bench_ops: --device cuda, but torch.cuda.is_available() is False")
     min_run_time = args.min_run_time or MIN_RUN_TIME_S["quick" if args.quick else "full"]
     shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES + (CUDA_ONLY_SHAPES if args.device == "cuda" else ()))
-    cases = [(spec, shape, dtype) for spec in OPS for shape in shapes for dtype in DTYPES]
+    specs = [spec for spec in OPS if args.ops is None or spec.name in args.ops]
+    cases = [(spec, shape, dtype) for spec in specs for shape in shapes for dtype in DTYPES]
     slug, name = machine_info(args.device)
     log.info("%s: %d cases, min_run_time %.2f s, %d threads", name, len(cases), min_run_time, torch.get_num_threads())
 
@@ -518,7 +541,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "machine": slug, "machine_name": name, "device": args.device, "torch": torch.__version__,
         "python": platform.python_version(), "threads": torch.get_num_threads(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "min_run_time_s": min_run_time, "quick": args.quick,
+        "min_run_time_s": min_run_time, "quick": args.quick, "ops": args.ops,
         "cpu_count": os.cpu_count(),
         "tolerances": {"fp32_rtol_atol": FP32_TOL, "bf16_rel": BF16_REL_TOL, "bf16_eager_rel": BF16_EAGER_REL_TOL},
         "results": rows,

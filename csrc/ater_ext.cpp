@@ -86,6 +86,11 @@ TORCH_LIBRARY(ater_ext, m) {
   m.def("fd_direction(Tensor x, Tensor g0, Tensor g1, float eps) -> Tensor");
   m.def(
       "fd_direction.out(Tensor x, Tensor g0, Tensor g1, float eps, *, Tensor(a!) out) -> ()");
+  // One step of the FD ascent of ||grad_x L|| on the sphere of B(x, eps), from z:
+  // x + eps * normalize(z + step * normalize(g1 - g0) - x)   (one launch)
+  m.def(
+      "fd_sphere_step(Tensor x, Tensor z, Tensor g0, Tensor g1, float step, float eps)"
+      " -> Tensor");
   // [B] per-row L2 norms
   m.def("row_norm(Tensor g) -> Tensor");
   // grad[b] * g[b] / norm[b]; 0 where norm[b] == 0

@@ -77,6 +77,20 @@ inline void check_fd_direction(const at::Tensor& x, const at::Tensor& g0,
   check_positive(op, "eps", eps);
 }
 
+inline void check_fd_sphere_step(const at::Tensor& x, const at::Tensor& z, const at::Tensor& g0,
+                                 const at::Tensor& g1, double step, double eps) {
+  const char* op = "fd_sphere_step";
+  check_rows_tensor(op, "x", x);
+  check_rows_tensor(op, "z", z);
+  check_rows_tensor(op, "g0", g0);
+  check_rows_tensor(op, "g1", g1);
+  check_like(op, "x", x, "z", z);
+  check_like(op, "x", x, "g0", g0);
+  check_like(op, "g0", g0, "g1", g1);
+  check_positive(op, "step", step);
+  check_positive(op, "eps", eps);
+}
+
 inline void check_row_norm_backward(const at::Tensor& grad, const at::Tensor& g,
                                     const at::Tensor& norm) {
   const char* op = "row_norm_backward";

@@ -58,6 +58,12 @@ at::Tensor fd_direction_meta(const at::Tensor& x, const at::Tensor& g0, const at
   return empty_like_rows(x);
 }
 
+at::Tensor fd_sphere_step_meta(const at::Tensor& x, const at::Tensor& z, const at::Tensor& g0,
+                               const at::Tensor& g1, double step, double eps) {
+  check_fd_sphere_step(x, z, g0, g1, step, eps);
+  return empty_like_rows(x);
+}
+
 at::Tensor row_norm_meta(const at::Tensor& g) {
   check_rows_tensor("row_norm", "g", g);
   return at::empty_symint({g.sym_size(0)}, g.options());
@@ -77,6 +83,7 @@ TORCH_LIBRARY_IMPL(ater_ext, Meta, m) {
   m.impl("dual_normalized_step", &dual_normalized_step_meta);
   m.impl("fd_direction", &fd_direction_meta);
   m.impl("fd_direction.out", &fd_direction_out_meta);
+  m.impl("fd_sphere_step", &fd_sphere_step_meta);
   m.impl("row_norm", &row_norm_meta);
   m.impl("row_norm_backward", &row_norm_backward_meta);
 }

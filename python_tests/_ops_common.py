@@ -26,10 +26,21 @@ DTYPES = [
 ]
 REDUCED = (torch.float16, torch.bfloat16)
 
-STEP_OPS = ("normalized_step", "dual_normalized_step", "fd_direction")
+# The steps whose gradient is the identity in x and nothing in the directions
+# (the perturbation is a constant); fd_sphere_step has the true gradient in every input.
+IDENTITY_STEP_OPS = ("normalized_step", "dual_normalized_step", "fd_direction")
+STEP_OPS = IDENTITY_STEP_OPS + ("fd_sphere_step",)
 ALL_OPS = STEP_OPS + ("row_norm",)
-# Default scalars of each step op (dual: two different step lengths).
-SCALES = {"normalized_step": (0.75,), "dual_normalized_step": (0.75, 3.0), "fd_direction": (2.0,)}
+# Default scalars of each step op (dual: two different step lengths; fd_sphere_step: step, eps).
+SCALES = {"normalized_step": (0.75,), "dual_normalized_step": (0.75, 3.0), "fd_direction": (2.0,),
+          "fd_sphere_step": (1.5, 2.0)}
+# Tensor arguments after x: the directions (fd_sphere_step: z, g0, g1).
+N_DIRECTIONS = {"normalized_step": 1, "dual_normalized_step": 1, "fd_direction": 2, "fd_sphere_step": 3}
+
+
+def output_scales(name: str) -> Tuple[float, ...]:
+    """The step length of each output of a step op, from x (the magnitude its tolerance is taken at)."""
+    return SCALES[name][-1:] if name == "fd_sphere_step" else SCALES[name]
 
 # Bits of precision (implicit bit included) of each dtype, for ulp().
 _PRECISION = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
@@ -79,9 +90,10 @@ def make(shape, dtype, device, kind: str = "randn", *, gen=None, scale: float = 
 def step_inputs(name: str, shape, dtype, device, kind: str = "randn", *, gen=None):
     """(x, gs) for a step op: gs = (g,) or (g0, g1)."""
     x = make(shape, dtype, device, "randn", gen=gen)
-    if name == "fd_direction":
-        return x, (make(shape, dtype, device, kind, gen=gen), make(shape, dtype, device, kind, gen=gen))
-    return x, (make(shape, dtype, device, kind, gen=gen),)
+    if name == "fd_sphere_step":  # z: x moved by a random direction, then the two gradients
+        z = x + make(shape, dtype, device, "randn", gen=gen)
+        return x, (z, make(shape, dtype, device, kind, gen=gen), make(shape, dtype, device, kind, gen=gen))
+    return x, tuple(make(shape, dtype, device, kind, gen=gen) for _ in range(N_DIRECTIONS[name]))
 
 
 def call(module, name: str, x, gs, scales) -> Tuple[torch.Tensor, ...]:

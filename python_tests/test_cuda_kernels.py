@@ -88,7 +88,7 @@ def assert_matches_cpu(name, x, gs, scales, what=""):
     """The op on CUDA equals the CPU kernel on the same values (NaN / inf rows alike)."""
     cpu_outs = call(ops, name, x.cpu(), [t.cpu() for t in gs], scales)
     outs = call(ops, name, x, gs, scales)
-    for k, (out, want, s) in enumerate(zip(outs, cpu_outs, scales)):
+    for k, (out, want, s) in enumerate(zip(outs, cpu_outs, scales[-len(outs):])):  # fd_sphere_step: eps
         label = f"{what} {name} output {k}"
         assert out.is_cuda and out.shape == want.shape and out.dtype == want.dtype and out.is_contiguous(), label
         got = out.cpu()
@@ -297,7 +297,7 @@ def test_capture_each_op(shape, name, out, layout):
     fails the capture), replayed on new input values: equal to eager calls."""
     if out and name not in ("normalized_step", "fd_direction"):
         pytest.skip("no out= overload")
-    n_in = {"normalized_step": 2, "dual_normalized_step": 2, "fd_direction": 3, "row_norm": 1,
+    n_in = {"normalized_step": 2, "dual_normalized_step": 2, "fd_direction": 3, "fd_sphere_step": 4, "row_norm": 1,
             "row_norm_backward": 3}[name]
 
     def inputs():

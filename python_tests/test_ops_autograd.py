@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
-from _ops_common import DEVICES, DTYPES, REDUCED, SCALES, STEP_OPS, assert_close, make, min_subnormal
+from _ops_common import (DEVICES, DTYPES, IDENTITY_STEP_OPS, N_DIRECTIONS, REDUCED, SCALES, STEP_OPS, assert_close, make,
+                         min_subnormal)
 from ater_ext import ops, reference
 
 F64 = torch.float64
@@ -115,8 +116,7 @@ def test_row_norm_backward_op_values(dtype, device):
 # --------------------------------------------------------------------- steps
 def step_args(name, shape, dtype, device, zero_row=True):
     x = make(shape, dtype, device).requires_grad_()
-    n_g = 2 if name == "fd_direction" else 1
-    gs = [make(shape, dtype, device) for _ in range(n_g)]
+    gs = [make(shape, dtype, device) for _ in range(N_DIRECTIONS[name])]
     if zero_row:
         gs[-1][0] = 0
     return x, [t.requires_grad_() for t in gs]
@@ -124,7 +124,7 @@ def step_args(name, shape, dtype, device, zero_row=True):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", STEP_OPS)
+@pytest.mark.parametrize("name", IDENTITY_STEP_OPS)
 def test_step_gradient_is_identity_in_x_and_none_in_g(name, dtype, device):
     shape = (6, 3, 5)
     x, gs = step_args(name, shape, dtype, device)
@@ -150,7 +150,7 @@ def test_dual_step_gradient_with_one_output_used(which, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", STEP_OPS)
+@pytest.mark.parametrize("name", IDENTITY_STEP_OPS)
 def test_step_only_direction_requires_grad(name, device):
     """x constant, g requiring grad: nothing may reach g (x_max is a constant)."""
     x, gs = step_args(name, (3, 4), torch.float32, device)
@@ -164,7 +164,7 @@ def test_step_only_direction_requires_grad(name, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", STEP_OPS)
+@pytest.mark.parametrize("name", IDENTITY_STEP_OPS)
 def test_step_gradcheck_in_x(name, device):
     x, gs = step_args(name, (3, 2, 4), F64, device)
     gs = [t.detach() for t in gs]
@@ -271,7 +271,7 @@ def test_vmap_steps_equal_a_loop(name, batched, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", STEP_OPS)
+@pytest.mark.parametrize("name", IDENTITY_STEP_OPS)
 def test_func_grad_and_jacrev_of_steps(name, device):
     """d out / d x is the identity under torch.func too; no gradient reaches the directions."""
     shape = (3, 4)

@@ -71,6 +71,21 @@ def step_cases():
         cases.append(pytest.param(name, (f32(4, 3), f32(4, 3), of(dt, 4, 3), 1.0), (), id=f"fd-g1-{dt}"))
     for bad in BAD_SCALARS:
         cases.append(pytest.param(name, (f32(4, 3), f32(4, 3), f32(4, 3), bad), (), id=f"fd-eps={bad}"))
+    name = "fd_sphere_step"
+    ok = (f32(4, 3), f32(4, 3), f32(4, 3), f32(4, 3))
+    for i, arg in enumerate(("x", "z", "g0", "g1")):
+        for bad, frag, tag in [(f32(4, 5), ("[4, 5]",), "shape"), (f32(2, 3), ("[2, 3]",), "rows"),
+                               (f32(4, 3).double(), ("Double",), "dtype"), (torch.tensor(1.0), (arg,), "0d")]:
+            args = list(ok)
+            args[i] = bad
+            cases.append(pytest.param(name, (*args, 1.5, 2.0), frag, id=f"sphere-{arg}-{tag}"))
+        for dt in BAD_DTYPES:
+            args = list(ok)
+            args[i] = of(dt, 4, 3)
+            cases.append(pytest.param(name, (*args, 1.5, 2.0), (arg,), id=f"sphere-{arg}-{dt}"))
+    for bad in BAD_SCALARS:
+        cases.append(pytest.param(name, (*ok, bad, 2.0), ("step",), id=f"sphere-step={bad}"))
+        cases.append(pytest.param(name, (*ok, 1.5, bad), ("eps",), id=f"sphere-eps={bad}"))
     return cases
 
 
@@ -82,13 +97,13 @@ def test_step_ops_reject_bad_input(name, args, fragments, api):
 
 
 @pytest.mark.parametrize("api", list(API))
-@pytest.mark.parametrize("name", ["normalized_step", "dual_normalized_step", "fd_direction"])
+@pytest.mark.parametrize("name", ["normalized_step", "dual_normalized_step", "fd_direction", "fd_sphere_step"])
 def test_bad_scalar_rejected_even_for_empty_input(name, api):
     x = torch.empty(0, 3)
-    args = (x, x, x) if name == "fd_direction" else (x, x)
-    scales = (float("nan"), 1.0) if name == "dual_normalized_step" else (float("nan"),)
+    n_tensors = {"fd_direction": 3, "fd_sphere_step": 4}.get(name, 2)
+    scales = (float("nan"), 1.0) if name in ("dual_normalized_step", "fd_sphere_step") else (float("nan"),)
     with pytest.raises(RuntimeError, match=op_pattern(name)):
-        API[api](name)(*args, *scales[: 2 if name == "dual_normalized_step" else 1])
+        API[api](name)(*([x] * n_tensors), *scales)
 
 
 # -------------------------------------------------------------- row_norm
@@ -134,6 +149,7 @@ def test_row_norm_backward_message_shows_shapes():
         pytest.param("normalized_step", lambda m: (m(4, 3), m(4, 5), 0.5), id="normalized_step"),
         pytest.param("dual_normalized_step", lambda m: (m(4, 3), m(5, 3), 0.5, 2.0), id="dual"),
         pytest.param("fd_direction", lambda m: (m(4, 3), m(4, 3), m(4, 5), 1.0), id="fd_direction"),
+        pytest.param("fd_sphere_step", lambda m: (m(4, 3), m(4, 5), m(4, 3), m(4, 3), 1.5, 2.0), id="fd_sphere_step"),
         pytest.param("row_norm", lambda m: (torch.empty((), device="meta"),), id="row_norm-0d"),
     ],
 )
@@ -148,13 +164,16 @@ def test_meta_rejects_mismatched_shapes(name, args):
 # ----------------------------------------------------------------- devices
 @requires_cuda
 @pytest.mark.parametrize("api", list(API))
-@pytest.mark.parametrize("name", ["normalized_step", "dual_normalized_step", "fd_direction", "row_norm_backward"])
+@pytest.mark.parametrize("name", ["normalized_step", "dual_normalized_step", "fd_direction", "fd_sphere_step",
+                                  "row_norm_backward"])
 @pytest.mark.parametrize("where", ["first", "last"])
 def test_mixed_devices_rejected(name, where, api):
     cpu, cuda = f32(4, 3), f32(4, 3, device="cuda")
     first, last = (cpu, cuda) if where == "first" else (cuda, cpu)
     if name == "fd_direction":
         args = (first, last, last, 1.0)
+    elif name == "fd_sphere_step":
+        args = (first, first, first, last, 1.5, 2.0)
     elif name == "row_norm_backward":
         if api == "wrapper":
             pytest.skip("row_norm_backward has no wrapper")
@@ -217,6 +236,8 @@ def _mixed_device_calls():
         "fd_direction": lambda a, b: torch.ops.ater_ext.fd_direction(a(4, 3), a(4, 3), b(4, 3), 1.0),
         "fd_direction.out": lambda a, b: torch.ops.ater_ext.fd_direction.out(a(4, 3), a(4, 3), a(4, 3), 1.0,
                                                                               out=b(4, 3)),
+        "fd_sphere_step": lambda a, b: torch.ops.ater_ext.fd_sphere_step(a(4, 3), b(4, 3), a(4, 3), a(4, 3), 1.5,
+                                                                          2.0),
         "row_norm_backward-g": lambda a, b: torch.ops.ater_ext.row_norm_backward(a(4), b(4, 3), a(4)),
         "row_norm_backward-grad": lambda a, b: torch.ops.ater_ext.row_norm_backward(b(4), a(4, 3), a(4)),
     }

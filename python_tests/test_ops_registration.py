@@ -34,6 +34,13 @@ def opcheck_args(name, shape, dtype, device, grad):
     if name == "fd_direction":
         g0, g1 = t(rg=grad == "all"), t(rg=grad == "all")
         return (t(rg=grad in ("x", "all")), g0, g1, *SCALES[name])
+    if name == "fd_sphere_step":
+        g0, g1 = t(), t()
+        if shape[0] > 1:
+            g1[1] = g0[1]  # a zero difference row
+        z = t(rg=grad == "all")
+        return (t(rg=grad in ("x", "all")), z, g0.requires_grad_(grad == "all"), g1.requires_grad_(grad == "all"),
+                *SCALES[name])
     if name == "row_norm":
         g = t(rg=grad != "none")
         return (g,)
@@ -64,7 +71,8 @@ def test_opcheck_empty(name, shape):
 def test_meta_tensors(shape, dtype):
     x = torch.empty(shape, dtype=dtype, device="meta")
     g = torch.empty(shape, dtype=dtype, device="meta")
-    outs = [ops.normalized_step(x, g, 0.5), *ops.dual_normalized_step(x, g, 0.5, 2.0), ops.fd_direction(x, g, g, 2.0)]
+    outs = [ops.normalized_step(x, g, 0.5), *ops.dual_normalized_step(x, g, 0.5, 2.0), ops.fd_direction(x, g, g, 2.0),
+            ops.fd_sphere_step(x, g, g, g, 1.5, 2.0)]
     outs.append(torch.ops.ater_ext.row_norm_backward(torch.empty(shape[0], dtype=dtype, device="meta"), g,
                                                      torch.empty(shape[0], dtype=dtype, device="meta")))
     for out in outs:
@@ -85,8 +93,9 @@ def ater_like(x, g, g1):
     x_adv, probe = ops.dual_normalized_step(x, g, 2.0, 1e-3)
     x_max = ops.fd_direction(x, g, g1, 2.0)
     again = ops.normalized_step(x, g, 0.5)
+    ascended = ops.fd_sphere_step(x, x_max, g1, g, 1.0, 2.0)
     n = ops.row_norm(x_max - x)
-    return x_adv, probe, x_max, again, n, ops.row_norm(g) * 3
+    return x_adv, probe, x_max, again, ascended, n, ops.row_norm(g) * 3
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -98,10 +107,10 @@ def test_torch_compile_fullgraph_matches_eager(backend, device, dynamo_reset):
     g1 = g + 1e-2 * make((6, 3, 4, 4), torch.float32, device)
     compiled = torch.compile(ater_like, fullgraph=True, backend=backend)
     got, want = compiled(x, g, g1), ater_like(x, g, g1)
-    for a, b, s in zip(got[:4], want[:4], (2.0, 1e-3, 2.0, 0.5)):
+    for a, b, s in zip(got[:5], want[:5], (2.0, 1e-3, 2.0, 0.5, 2.0)):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert_step_close(a, b, x, s, what=f"{backend}")
-    for a, b in zip(got[4:], want[4:]):
+    for a, b in zip(got[5:], want[5:]):
         assert_norm_close(a, b, what=f"{backend} row_norm")
 
 

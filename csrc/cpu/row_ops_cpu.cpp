@@ -156,6 +156,37 @@ struct RowScale {
   acc_t norm;        // ||v||
 };
 
+// fd_sphere_step's v = z + step * normalize(g1 - g0) - x, the displacement from
+// the centre x of the point one ascent step moved z to; `diff` is the row's
+// RowScale of g1 - g0 (from a reduction pass before this row is read).
+template <typename scalar_t>
+struct MovedRow {
+  DiffRow<scalar_t> d;
+  const scalar_t* z;
+  const scalar_t* x;
+  using Chunk = AccChunk<scalar_t>;
+  using acc_t = typename Chunk::acc_t;
+  RowScale<acc_t> diff;
+  acc_t step;
+  Chunk chunk(int64_t i) const {
+    using AVec = typename Chunk::AVec;
+    Chunk v = d.chunk(i);
+    const Chunk zc = Chunk::load(z + i);
+    const Chunk xc = Chunk::load(x + i);
+    const AVec div(diff.divisor), coef(step * diff.multiplier);
+    for (int p = 0; p < Chunk::kParts; ++p) {
+      const AVec u = diff.slow ? v.part[p] / div : v.part[p];
+      v.part[p] = (zc.part[p] + coef * u) - xc.part[p];
+    }
+    return v;
+  }
+  acc_t at(int64_t i) const {
+    const acc_t v = d.at(i);
+    const acc_t u = diff.slow ? v / diff.divisor : v;
+    return (static_cast<acc_t>(z[i]) + step * diff.multiplier * u) - static_cast<acc_t>(x[i]);
+  }
+};
+
 // Sum over the row of f(v chunk) with 4 independent accumulators (ILP), then
 // the scalar tail; f maps an acc vector to its per-lane contribution. stash
 // sees every chunk and tail value of v on the way.
@@ -392,6 +423,30 @@ at::Tensor fd_direction_cpu(const at::Tensor& x, const at::Tensor& g0, const at:
   return out;
 }
 
+// out = x + eps * normalize(z + step * normalize(g1 - g0) - x): per row a
+// reduction of g1 - g0, then the steps kernel on the moved displacement.
+at::Tensor fd_sphere_step_cpu(const at::Tensor& x_in, const at::Tensor& z_in, const at::Tensor& g0_in,
+                              const at::Tensor& g1_in, double step, double eps) {
+  check_fd_sphere_step(x_in, z_in, g0_in, g1_in, step, eps);
+  std::array<at::Tensor, 1> outs = {empty_out(x_in)};
+  if (x_in.numel() == 0) return outs[0];
+  const at::Tensor x = x_in.contiguous(), z = z_in.contiguous(), g0 = g0_in.contiguous(),
+                   g1 = g1_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fd_sphere_step_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    const scalar_t* z_ptr = z.const_data_ptr<scalar_t>();
+    const scalar_t* g0_ptr = g0.const_data_ptr<scalar_t>();
+    const scalar_t* g1_ptr = g1.const_data_ptr<scalar_t>();
+    const int64_t D = row_size(x);
+    steps_kernel<1, scalar_t>(x, outs, {eps}, [=](int64_t off) {
+      const DiffRow<scalar_t> d{g0_ptr + off, g1_ptr + off};
+      return MovedRow<scalar_t>{d, z_ptr + off, x_ptr + off, row_scale(d, D), static_cast<acc_t>(step)};
+    });
+  });
+  return outs[0];
+}
+
 // g: [B, D]   out: [B]
 at::Tensor row_norm_cpu(const at::Tensor& g_in) {
   check_rows_tensor("row_norm", "g", g_in);
@@ -459,6 +514,7 @@ TORCH_LIBRARY_IMPL(ater_ext, CPU, m) {
   m.impl("dual_normalized_step", &dual_normalized_step_cpu);
   m.impl("fd_direction", &fd_direction_cpu);
   m.impl("fd_direction.out", &fd_direction_out_cpu);
+  m.impl("fd_sphere_step", &fd_sphere_step_cpu);
   m.impl("row_norm", &row_norm_cpu);
   m.impl("row_norm_backward", &row_norm_backward_cpu);
 }

@@ -281,9 +281,45 @@ __device__ RowScale<acc_t> row_scale(const Dir& dir, int64_t off, int64_t D,
 // Kernels
 // ---------------------------------------------------------------------------
 
+// The write pass of a step, for the row [off, off + D) once its scale rs is
+// known: out_a = x + scale_a * normalize(v), out_b = x + scale_b * normalize(v)
+// (out_b only when kNumOut == 2; v is read once for both).
+// The K elements at flat index i of a step's write (shared by both layouts).
+template <int K, int kNumOut, typename scalar_t, typename Dir>
+__device__ __forceinline__ void write_step_piece(const Dir& dir, const RowScale<at::opmath_type<scalar_t>>& rs,
+                                                 const scalar_t* x, scalar_t* out_a, scalar_t* out_b,
+                                                 at::opmath_type<scalar_t> scale_a,
+                                                 at::opmath_type<scalar_t> scale_b, int64_t i) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t v[K];
+  acc_t xv[K];
+  dir.template load<K>(i, v);
+  load_acc<K>(x + i, xv);
+  acc_t oa[K];
+  acc_t ob[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const acc_t u = rs.apply(v[k]);
+    oa[k] = xv[k] + scale_a * u;
+    ob[k] = xv[k] + scale_b * u;
+  }
+  store_cast<K>(out_a + i, oa);
+  if constexpr (kNumOut == 2) store_cast<K>(out_b + i, ob);
+}
+
+template <typename scalar_t, int kVec, typename Group, typename Dir, int kNumOut>
+__device__ __forceinline__ void write_row_steps(const Dir& dir, const RowScale<at::opmath_type<scalar_t>>& rs,
+                                                const scalar_t* x, scalar_t* out_a, scalar_t* out_b,
+                                                at::opmath_type<scalar_t> scale_a,
+                                                at::opmath_type<scalar_t> scale_b, int64_t off, int64_t D) {
+  const int64_t num_vec = D / kVec;
+  for (int64_t j = Group::rank(); j < num_vec; j += Group::size()) {
+    write_step_piece<kVec, kNumOut>(dir, rs, x, out_a, out_b, scale_a, scale_b, off + j * kVec);
+  }
+}
+
 // x: [B, D]   dir: [B, D]   out_a, out_b: [B, D]
-// out_a = x + scale_a * normalize(v), out_b = x + scale_b * normalize(v)
-// (out_b only when kNumOut == 2; v is read once per pass for both).
+// out_a = x + scale_a * normalize(v), out_b = x + scale_b * normalize(v).
 // No __restrict__ on x, out or the directions: an .out buffer may be x or g
 // itself (each element is read before the same thread overwrites it).
 template <typename scalar_t, int kVec, typename Group, typename Dir, int kNumOut>
@@ -293,27 +329,51 @@ __global__ void __launch_bounds__(kMaxThreads)
                            at::opmath_type<scalar_t> scale_b, int64_t B, int64_t D) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t smem[kMaxWarps];
-  const int64_t num_vec = D / kVec;
   for (int64_t row = Group::first_row(); row < B; row += Group::row_stride()) {
     const int64_t off = row * D;
     const RowScale<acc_t> rs = row_scale<kVec, Group>(dir, off, D, smem);
-    for (int64_t j = Group::rank(); j < num_vec; j += Group::size()) {
-      const int64_t i = off + j * kVec;
-      acc_t v[kVec];
-      acc_t xv[kVec];
-      dir.template load<kVec>(i, v);
-      load_acc<kVec>(x + i, xv);
-      acc_t oa[kVec];
-      acc_t ob[kVec];
+    write_row_steps<scalar_t, kVec, Group, Dir, kNumOut>(dir, rs, x, out_a, out_b, scale_a, scale_b, off, D);
+  }
+}
+
+// fd_sphere_step's v = z + step * normalize(g1 - g0) - x (the displacement from
+// the centre x of the point one ascent step moved z to), given the row's
+// RowScale of g1 - g0.
+template <typename scalar_t>
+struct MovedDir {
+  using acc_t = at::opmath_type<scalar_t>;
+  DiffDir<scalar_t> diff;
+  const scalar_t* z;  // [B, D]
+  const scalar_t* x;  // [B, D]
+  RowScale<acc_t> rs;
+  acc_t step;
+  template <int kVec>
+  __device__ __forceinline__ void load(int64_t i, acc_t (&v)[kVec]) const {
+    acc_t zv[kVec];
+    acc_t xv[kVec];
+    diff.template load<kVec>(i, v);
+    load_acc<kVec>(z + i, zv);
+    load_acc<kVec>(x + i, xv);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const acc_t u = rs.apply(v[k]);
-        oa[k] = xv[k] + scale_a * u;
-        ob[k] = xv[k] + scale_b * u;
-      }
-      store_cast<kVec>(out_a + i, oa);
-      if constexpr (kNumOut == 2) store_cast<kVec>(out_b + i, ob);
-    }
+    for (int k = 0; k < kVec; ++k) v[k] = (zv[k] + step * rs.apply(v[k])) - xv[k];
+  }
+};
+
+// x, z, g0, g1, out: [B, D]
+// out = x + eps * normalize(z + step * normalize(g1 - g0) - x): per row the
+// reduction of g1 - g0, the reduction of the moved displacement, the write.
+template <typename scalar_t, int kVec, typename Group>
+__global__ void __launch_bounds__(kMaxThreads)
+    fd_sphere_step_kernel(DiffDir<scalar_t> diff, const scalar_t* z, const scalar_t* x, scalar_t* out,
+                          at::opmath_type<scalar_t> step, at::opmath_type<scalar_t> eps, int64_t B,
+                          int64_t D) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t smem[kMaxWarps];
+  for (int64_t row = Group::first_row(); row < B; row += Group::row_stride()) {
+    const int64_t off = row * D;
+    const MovedDir<scalar_t> moved{diff, z, x, row_scale<kVec, Group>(diff, off, D, smem), step};
+    const RowScale<acc_t> rs = row_scale<kVec, Group>(moved, off, D, smem);
+    write_row_steps<scalar_t, kVec, Group, MovedDir<scalar_t>, 1>(moved, rs, x, out, out, eps, eps, off, D);
   }
 }
 
@@ -505,21 +565,7 @@ struct StepWriter {
                                         int64_t begin, int64_t end, int mis, int64_t rank,
                                         int64_t size) const {
     walk_range<kVec>(begin, end, mis, rank, size, [&](auto piece, int64_t i) {
-      constexpr int K = decltype(piece)::value;
-      acc_t v[K];
-      acc_t xv[K];
-      dir.template load<K>(i, v);
-      load_acc<K>(x + i, xv);
-      acc_t oa[K];
-      acc_t ob[K];
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        const acc_t u = rs.apply(v[k]);
-        oa[k] = xv[k] + scale_a * u;
-        ob[k] = xv[k] + scale_b * u;
-      }
-      store_cast<K>(out_a + i, oa);
-      if constexpr (kNumOut == 2) store_cast<K>(out_b + i, ob);
+      write_step_piece<decltype(piece)::value, kNumOut>(dir, rs, x, out_a, out_b, scale_a, scale_b, i);
     });
   }
 };
@@ -1006,6 +1052,29 @@ void launch_steps(const at::Tensor& x, const at::Tensor& g0, const at::Tensor& g
   }
 }
 
+// x, z, g0, g1, out: contiguous [B, D]. One structure in both layouts (the
+// rows one: a warp or a block per row), as the op is one launch per ascent step.
+template <typename scalar_t>
+void launch_fd_sphere_step(const at::Tensor& x, const at::Tensor& z, const at::Tensor& g0,
+                           const at::Tensor& g1, const at::Tensor& out, double step, double eps,
+                           int64_t B, int64_t D) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const DiffDir<scalar_t> diff{g0.data_ptr<scalar_t>(), g1.data_ptr<scalar_t>()};
+  const scalar_t* z_ptr = z.data_ptr<scalar_t>();
+  const scalar_t* x_ptr = x.data_ptr<scalar_t>();
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+  const bool vec_ok = is_aligned16(diff.g0) && is_aligned16(diff.g1) && is_aligned16(z_ptr) &&
+                      is_aligned16(x_ptr) && is_aligned16(out_ptr);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  launch_rows<scalar_t>(B, D, vec_ok, [&](auto group, auto vec, dim3 grid, dim3 block) {
+    using Group = decltype(group);
+    constexpr int kVec = decltype(vec)::value;
+    fd_sphere_step_kernel<scalar_t, kVec, Group><<<grid, block, 0, stream>>>(
+        diff, z_ptr, x_ptr, out_ptr, static_cast<acc_t>(step), static_cast<acc_t>(eps), B, D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 // g: contiguous [B, D]   out: [B]
 template <typename scalar_t, bool kAdaptive>
 void launch_row_norm(const at::Tensor& g, const at::Tensor& out, int64_t B, int64_t D) {
@@ -1059,6 +1128,13 @@ void launch_row_norm_backward(const at::Tensor& grad, const at::Tensor& g, const
 
 #define ATER_EXT_CUDA_INSTANTIATE(scalar_t, adaptive) ATER_EXT_CUDA_ENTRY_POINTS(, scalar_t, adaptive)
 #define ATER_EXT_CUDA_DECLARE(scalar_t, adaptive) ATER_EXT_CUDA_ENTRY_POINTS(extern, scalar_t, adaptive)
+
+// fd_sphere_step has one structure for both layouts: instantiated with the rows layout's TUs.
+#define ATER_EXT_CUDA_SPHERE_STEP(prefix, scalar_t)                                              \
+  prefix template void launch_fd_sphere_step<scalar_t>(const at::Tensor&, const at::Tensor&,     \
+                                                       const at::Tensor&, const at::Tensor&,     \
+                                                       const at::Tensor&, double, double, int64_t, \
+                                                       int64_t);
 
 }  // namespace cuda_impl
 }  // namespace ater_ext

@@ -15,6 +15,10 @@ ATER_EXT_CUDA_DECLARE(at::Half, false)
 ATER_EXT_CUDA_DECLARE(at::Half, true)
 ATER_EXT_CUDA_DECLARE(at::BFloat16, false)
 ATER_EXT_CUDA_DECLARE(at::BFloat16, true)
+ATER_EXT_CUDA_SPHERE_STEP(extern, float)
+ATER_EXT_CUDA_SPHERE_STEP(extern, double)
+ATER_EXT_CUDA_SPHERE_STEP(extern, at::Half)
+ATER_EXT_CUDA_SPHERE_STEP(extern, at::BFloat16)
 }  // namespace cuda_impl
 
 namespace {
@@ -115,6 +119,22 @@ at::Tensor fd_direction_cuda(const at::Tensor& x, const at::Tensor& g0,
   return out;
 }
 
+// x, z, g0, g1: [B, ...]   out: contiguous, x's shape
+at::Tensor fd_sphere_step_cuda(const at::Tensor& x, const at::Tensor& z, const at::Tensor& g0,
+                               const at::Tensor& g1, double step, double eps) {
+  check_fd_sphere_step(x, z, g0, g1, step, eps);
+  const at::cuda::OptionalCUDAGuard guard(device_of(x));
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t B = num_rows(x);
+  const int64_t D = row_size(x);
+  if (B == 0 || D == 0) return out;
+  const at::Tensor xc = x.contiguous(), zc = z.contiguous(), g0c = g0.contiguous(), g1c = g1.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "fd_sphere_step_cuda", [&] {
+    launch_fd_sphere_step<scalar_t>(xc, zc, g0c, g1c, out, step, eps, B, D);
+  });
+  return out;
+}
+
 // g: [B, ...]   out: [B]
 at::Tensor row_norm_cuda(const at::Tensor& g) {
   check_rows_tensor("row_norm", "g", g);
@@ -155,6 +175,7 @@ TORCH_LIBRARY_IMPL(ater_ext, CUDA, m) {
   m.impl("dual_normalized_step", &ater_ext::dual_normalized_step_cuda);
   m.impl("fd_direction", &ater_ext::fd_direction_cuda);
   m.impl("fd_direction.out", &ater_ext::fd_direction_out_cuda);
+  m.impl("fd_sphere_step", &ater_ext::fd_sphere_step_cuda);
   m.impl("row_norm", &ater_ext::row_norm_cuda);
   m.impl("row_norm_backward", &ater_ext::row_norm_backward_cuda);
 }

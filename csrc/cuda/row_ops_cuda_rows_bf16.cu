@@ -5,5 +5,6 @@
 namespace ater_ext {
 namespace cuda_impl {
 ATER_EXT_CUDA_INSTANTIATE(at::BFloat16, false)
+ATER_EXT_CUDA_SPHERE_STEP(, at::BFloat16)
 }  // namespace cuda_impl
 }  // namespace ater_ext

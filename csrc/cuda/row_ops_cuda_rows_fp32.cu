@@ -5,5 +5,6 @@
 namespace ater_ext {
 namespace cuda_impl {
 ATER_EXT_CUDA_INSTANTIATE(float, false)
+ATER_EXT_CUDA_SPHERE_STEP(, float)
 }  // namespace cuda_impl
 }  // namespace ater_ext
