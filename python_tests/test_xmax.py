@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ater_ext
 from ater_ext import objectives
@@ -227,6 +228,31 @@ def test_counted_cost_of_steps():
         counts[k] = c.flops
     for k in (2, 4):
         assert counts[k] * 2 == counts[1] * (2 * k + 1), counts
+
+
+class RecordOps(TorchDispatchMode):
+    """The names of the ater_ext ops dispatched, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "ater_ext":
+            self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("steps", [2, 4])
+def test_fd_steps_take_one_fused_launch_each(steps):
+    """direction="fd": each ascent step after the first is the probe launch and one
+    fd_sphere_step launch (the move and the projection back onto the sphere)."""
+    model, x, y = make("tanh", batch=16)
+    with RecordOps() as rec:
+        got = ater_ext.x_max(model, x, y, steps=steps)
+    assert rec.names.count("fd_direction") == 1, rec.names  # the paper's one-step point only
+    assert rec.names.count("fd_sphere_step") == steps - 1, rec.names
+    torch.testing.assert_close(got, R.ref_x_max_steps(model, x, y, steps=steps), rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2", None])
