@@ -224,6 +224,35 @@ struct RowScale {
   }
 };
 
+// What one thread adds to a reduction for the K values of dir at flat index i
+// (shared by both layouts, which differ in how they walk the row).
+template <int K, typename acc_t, typename Dir>
+__device__ __forceinline__ void add_squares(const Dir& dir, int64_t i, acc_t& sumsq) {
+  acc_t v[K];
+  dir.template load<K>(i, v);
+#pragma unroll
+  for (int k = 0; k < K; ++k) sumsq += v[k] * v[k];
+}
+
+template <int K, typename acc_t, typename Dir>
+__device__ __forceinline__ void add_max_abs(const Dir& dir, int64_t i, acc_t& m) {
+  acc_t v[K];
+  dir.template load<K>(i, v);
+#pragma unroll
+  for (int k = 0; k < K; ++k) m = NanMaxOp{}(m, c10::cuda::compat::abs(v[k]));
+}
+
+template <int K, typename acc_t, typename Dir>
+__device__ __forceinline__ void add_scaled_squares(const Dir& dir, int64_t i, acc_t m, acc_t& s) {
+  acc_t v[K];
+  dir.template load<K>(i, v);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const acc_t q = v[k] / m;
+    s += q * q;
+  }
+}
+
 // The row [off, off + D) of dir, reduced by the calling row group (all of its
 // threads must call this; the result is identical in all of them).
 template <int kVec, typename Group, typename acc_t, typename Dir>
@@ -235,12 +264,7 @@ __device__ RowScale<acc_t> row_scale(const Dir& dir, int64_t off, int64_t D,
 
   // Fast pass: sum of squares.
   acc_t sumsq = 0;
-  for (int64_t j = rank; j < num_vec; j += size) {
-    acc_t v[kVec];
-    dir.template load<kVec>(off + j * kVec, v);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) sumsq += v[k] * v[k];
-  }
+  for (int64_t j = rank; j < num_vec; j += size) add_squares<kVec>(dir, off + j * kVec, sumsq);
   sumsq = Group::allreduce(sumsq, SumOp{}, smem);
   if (sumsq_is_safe<acc_t>(sumsq)) {
     const acc_t norm = c10::cuda::compat::sqrt(sumsq);
@@ -249,27 +273,14 @@ __device__ RowScale<acc_t> row_scale(const Dir& dir, int64_t off, int64_t D,
 
   // Slow path (uniform over the group): m = max |v_i|, NaN-propagating.
   acc_t m = 0;
-  for (int64_t j = rank; j < num_vec; j += size) {
-    acc_t v[kVec];
-    dir.template load<kVec>(off + j * kVec, v);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) m = NanMaxOp{}(m, c10::cuda::compat::abs(v[k]));
-  }
+  for (int64_t j = rank; j < num_vec; j += size) add_max_abs<kVec>(dir, off + j * kVec, m);
   m = Group::allreduce(m, NanMaxOp{}, smem);
   if (m == acc_t(0)) {
     return {false, acc_t(1), acc_t(0), acc_t(0)};  // zero row
   }
   // s = sum (v_i / m)^2 in [1, D] (NaN if m is NaN or Inf).
   acc_t s = 0;
-  for (int64_t j = rank; j < num_vec; j += size) {
-    acc_t v[kVec];
-    dir.template load<kVec>(off + j * kVec, v);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      const acc_t q = v[k] / m;
-      s += q * q;
-    }
-  }
+  for (int64_t j = rank; j < num_vec; j += size) add_scaled_squares<kVec>(dir, off + j * kVec, m, s);
   s = Group::allreduce(s, SumOp{}, smem);
   const acc_t root_s = c10::cuda::compat::sqrt(s);
   // A row holding +-inf and no NaN: m = inf, s = NaN. Its norm is inf (as
@@ -390,6 +401,18 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+// The K elements at flat index i of row_norm_backward: gr * (g / n), exactly 0 when n == 0.
+template <int K, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void write_backward_piece(const scalar_t* __restrict__ g, scalar_t* __restrict__ out,
+                                                     acc_t gr, acc_t n, int64_t i) {
+  acc_t gv[K];
+  load_acc<K>(g + i, gv);
+  acc_t o[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) o[k] = n == acc_t(0) ? acc_t(0) : gr * (gv[k] / n);
+  store_cast<K>(out + i, o);
+}
+
 // grad: [B]   g: [B, D]   norm: [B]   out: [B, D]
 // out[b, :] = grad[b] * (g[b, :] / norm[b]), exactly 0 where norm[b] == 0.
 // No reduction; the row groups only give the same coalesced, vectorised walk.
@@ -404,16 +427,9 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int64_t row = Group::first_row(); row < B; row += Group::row_stride()) {
     const acc_t n = static_cast<acc_t>(norm[row]);
     const acc_t gr = static_cast<acc_t>(grad[row]);
-    const bool zero = (n == acc_t(0));
     const int64_t off = row * D;
     for (int64_t j = Group::rank(); j < num_vec; j += Group::size()) {
-      const int64_t i = off + j * kVec;
-      acc_t gv[kVec];
-      load_acc<kVec>(g + i, gv);
-      acc_t o[kVec];
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) o[k] = zero ? acc_t(0) : gr * (gv[k] / n);
-      store_cast<kVec>(out + i, o);
+      write_backward_piece<kVec>(g, out, gr, n, off + j * kVec);
     }
   }
 }
@@ -487,14 +503,7 @@ __device__ __forceinline__ acc_t scaled_sumsq(const Dir& dir, int64_t begin, int
                                               int64_t rank, int64_t size, acc_t m) {
   acc_t s = 0;
   walk_range<kVec>(begin, end, mis, rank, size, [&](auto piece, int64_t i) {
-    constexpr int K = decltype(piece)::value;
-    acc_t v[K];
-    dir.template load<K>(i, v);
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const acc_t q = v[k] / m;
-      s += q * q;
-    }
+    add_scaled_squares<decltype(piece)::value>(dir, i, m, s);
   });
   return s;
 }
@@ -743,17 +752,10 @@ __global__ void __launch_bounds__(kMaxThreads)
     const int64_t c = w % P;
     const acc_t n = static_cast<acc_t>(norm[row]);
     const acc_t gr = static_cast<acc_t>(grad[row]);
-    const bool zero = (n == acc_t(0));
     const int64_t begin = row * D + c * chunk;
     const int64_t end = chunk_end(row * D, c, chunk, D);
     walk_range<kVec>(begin, end, mis, threadIdx.x, blockDim.x, [&](auto piece, int64_t i) {
-      constexpr int K = decltype(piece)::value;
-      acc_t gv[K];
-      load_acc<K>(g + i, gv);
-      acc_t o[K];
-#pragma unroll
-      for (int k = 0; k < K; ++k) o[k] = zero ? acc_t(0) : gr * (gv[k] / n);
-      store_cast<K>(out + i, o);
+      write_backward_piece<decltype(piece)::value>(g, out, gr, n, i);
     });
   }
 }
