@@ -37,10 +37,13 @@ epochs, images, test error at init and trained, seconds per epoch)::
         --train-epochs 2 --train-subset 2000 --fp64-big
 
 Writes ``xmax-<machine>.json`` and ``.md`` to ``--out`` (default
-``benchmarks/results``), through ``ater_ext.atomic_io``; ``--merge`` adds the
-cases to the file already there (replacing a case of the same model, dataset
-and state) and appends this run (date, load, command, cases) to its ``runs``,
-which the markdown's header lists.
+``benchmarks/results``; ``--results PATH.json`` names the file instead),
+through ``ater_ext.atomic_io``; ``--merge`` adds the cases to the file already
+there (replacing a case of the same model, dataset and state) and appends this
+run (machine, date, load, command, cases) to its ``runs``, which the
+markdown's header lists; ``--merge-from A.json ...`` runs nothing and merges
+those files' cases and runs into ``--results`` the same way (e.g. cases
+measured on another machine: each run names its machine).
 """
 from __future__ import annotations
 
@@ -185,10 +188,30 @@ def runs_of(report: dict) -> List[dict]:
     """The runs that measured a results file's cases (a file written before runs were
     recorded: one run, from its top-level fields, command not recorded)."""
     if "runs" in report:
-        return report["runs"]
-    return [{**{key: report.get(key) for key in ("date", "torch", "omp_threads", "cpus", "load_before",
+        return [{"machine": report.get("machine"), **r} for r in report["runs"]]
+    return [{**{key: report.get(key) for key in ("machine", "date", "torch", "omp_threads", "cpus", "load_before",
                                                   "load_after", "seconds")},
              "argv": None, "cases": [case_label(c) for c in report["cases"]]}]
+
+
+def merge_reports(base: Optional[dict], new: dict) -> dict:
+    """``base``'s cases and runs followed by ``new``'s; a case of ``new`` replaces ``base``'s
+    case of the same model, dataset and state (the earlier run lists it as ``superseded``).
+    The top-level fields are ``new``'s."""
+    if base is None:
+        return {**new, "runs": runs_of(new)}
+    labels = {case_label(c) for c in new["cases"]}
+    runs = []
+    for r in runs_of(base):
+        gone = [label for label in r["cases"] if label in labels]
+        runs.append({**r, "cases": [label for label in r["cases"] if label not in labels],
+                     **({"superseded": r.get("superseded", []) + gone} if gone else {})})
+    return {**new, "cases": [c for c in base["cases"] if case_label(c) not in labels] + new["cases"],
+            "runs": runs + runs_of(new)}
+
+
+def machines(report: dict) -> List[str]:
+    return list(dict.fromkeys(r["machine"] for r in runs_of(report)))
 
 
 def coverage(report: dict) -> str:
@@ -215,13 +238,18 @@ def header(report: dict) -> List[str]:
         r = runs[0]
         return [f"{r['date']}, {common}; load average {r['load_before']} before, {r.get('load_after')} after "
                 "(1, 5, 15 min).", ""]
-    lines = [f"Measured in {len(runs)} runs ({common}; load average before / after, 1, 5, 15 min):", ""]
+    several = len(machines(report)) > 1
+    lines = [f"Measured in {len(runs)} runs ({common}" +
+             ("; the ms column is the wall time on the machine of the case's run" if several else "") +
+             "; load average before / after, 1, 5, 15 min):", ""]
     for r in runs:
         command = ("command not recorded" if r.get("argv") is None
                    else "`bench_xmax.py " + " ".join(r["argv"]) + "`")
-        lines.append(f"* {r['date']} (torch {r['torch']}, OMP_NUM_THREADS={r['omp_threads']}), "
+        lines.append(f"* {r['date']}" + (f" on {r['machine']}" if several else "") +
+                     f" (torch {r['torch']}, OMP_NUM_THREADS={r['omp_threads']}), "
                      f"{(r.get('seconds') or float('nan')) / 60:.0f} min, load {r['load_before']} / "
-                     f"{r.get('load_after')}, {command}: {', '.join(r['cases'])}")
+                     f"{r.get('load_after')}, {command}: {', '.join(r['cases']) or 'no case kept'}" +
+                     (f" (superseded by a later run: {', '.join(r['superseded'])})" if r.get("superseded") else ""))
     return lines + [""]
 
 
@@ -262,7 +290,7 @@ def summary(report: dict, precision: str) -> List[str]:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# x_max study on {report['machine']}", ""] + header(report) + [
+    lines = [f"# x_max study on {' and '.join(machines(report))}", ""] + header(report) + [
              "Each model in train mode (batch-statistics BatchNorm, as ATER sees it), a fixed subset of the test "
              "set, eps as trained (2.0). **fraction**: mean ||grad_x L|| at the point reached over the reference's "
              "(many-step projected ascent in the ball from several starts, per row the best of it and of every "
@@ -430,6 +458,12 @@ def train_comparison(args, report: dict) -> Tuple[str, str]:
     return "xmax-train", "\n".join(lines) + "\n"
 
 
+def write_results(json_path: str, report: dict) -> None:
+    """The JSON and its markdown (same name, ``.md``), each written atomically."""
+    write_json(json_path, report)
+    write_text(json_path[:-len(".json")] + ".md", markdown(report))
+
+
 def rewrite_markdown(json_path: str) -> str:
     """The markdown of a results file again (e.g. after a change of the tables), from its JSON."""
     with open(json_path) as f:
@@ -450,9 +484,13 @@ def main(argv=None) -> int:
                    help="training images of each --train model (a fixed random subset; default all)")
     p.add_argument("--train-dir", default=os.path.join(tempfile.gettempdir(), "bench_xmax_train"),
                    help="where the --train weights are kept and reused (not the repository)")
+    p.add_argument("--results", default=None, metavar="JSON",
+                   help="the results file to write (default --out/xmax-<this machine>.json)")
     p.add_argument("--merge", action="store_true",
-                   help="add the cases to the results file already in --out (a case of the same model, dataset "
+                   help="add the cases to the results file already there (a case of the same model, dataset "
                         "and state is replaced) instead of starting a new one")
+    p.add_argument("--merge-from", nargs="*", default=[], metavar="JSON",
+                   help="run nothing: merge these results files' cases and runs into --results, as --merge would")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--big-batch", type=int, default=8, help="batch of conv-large and ResNet-18")
     p.add_argument("--precisions", nargs="*", default=list(PRECISIONS), choices=PRECISIONS)
@@ -487,16 +525,22 @@ def main(argv=None) -> int:
         print(os.path.join(args.out, f"{stem}-{name}.md"))
         return 0
     report["machine_slug"] = name
-    os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, f"xmax-{name}.json")
-    run = {key: report[key] for key in ("date", "torch", "omp_threads", "cpus", "load_before")}
-    run.update({"argv": list(sys.argv[1:] if argv is None else argv), "cases": []})
-    earlier_runs, kept = [], []
-    if args.merge and os.path.exists(json_path):
+    json_path = args.results or os.path.join(args.out, f"xmax-{name}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    earlier = None
+    if (args.merge or args.merge_from) and os.path.exists(json_path):
         with open(json_path) as f:
             earlier = json.load(f)
-        earlier_runs = runs_of(earlier)
-        kept = earlier["cases"]
+    if args.merge_from:
+        for source in args.merge_from:
+            with open(source) as f:
+                earlier = merge_reports(earlier, json.load(f))
+        write_results(json_path, earlier)
+        print(json_path[:-len(".json")] + ".md")
+        return 0
+    run = {key: report[key] for key in ("machine", "date", "torch", "omp_threads", "cpus", "load_before")}
+    run.update({"argv": list(sys.argv[1:] if argv is None else argv), "cases": []})
+    report["runs"] = [run]
     for model_name, dataset, state, model, data, eps, training in tqdm(cases(args), desc="x_max study"):
         t0 = time.perf_counter()
         results = run_case(model, data, model_name, eps, args)
@@ -504,17 +548,14 @@ def main(argv=None) -> int:
                 "seconds": time.perf_counter() - t0, "results": results}
         if training is not None:
             case["training"] = training
-        kept = [c for c in kept if case_label(c) != case_label(case)]
         report["cases"].append(case)
         run["cases"].append(case_label(case))
         # written after every case, so that an interrupted run keeps what it measured
         report["load_after"] = run["load_after"] = [round(v, 2) for v in os.getloadavg()]
         report["seconds"] = run["seconds"] = time.perf_counter() - start
-        written = {**report, "cases": kept + report["cases"], "runs": earlier_runs + [run]}
-        write_json(json_path, written)
-        write_text(json_path[:-len(".json")] + ".md", markdown(written))
+        write_results(json_path, merge_reports(earlier, report))
         tqdm.write(f"{model_name} {dataset} {state}: {time.perf_counter() - t0:.0f} s")
-    print(os.path.join(args.out, f"xmax-{name}.md"))
+    print(json_path[:-len(".json")] + ".md")
     return 0
 
 

@@ -56,6 +56,8 @@ def test_train_option_trains_records_and_merges(tmp_path):
         "mlp/digits/init", "mlp/digits/ERM-trained", "mlp/digits/ATER-trained"]
     assert again["cases"][2]["training"]["reused_checkpoint"].endswith("mlp-digits-ater-e2-n300-s0.pt")
     assert again["cases"][2]["training"]["test_error"] == t["test_error"] and len(again["runs"]) == 3
+    assert again["runs"][1]["cases"] == ["mlp/digits/ERM-trained"]
+    assert again["runs"][1]["superseded"] == ["mlp/digits/ATER-trained"]
 
 
 def test_train_spec_is_checked():
@@ -70,3 +72,32 @@ def test_markdown_of_a_file_without_runs_keeps_its_header(tmp_path):
     (run,) = bench_xmax.runs_of(report)
     assert run["argv"] is None and run["load_after"] == [2.0, 2.0, 2.0]
     assert bench_xmax.header(report)[0].startswith("2026-01-01 00:00 UTC, torch t, OMP_NUM_THREADS=1")
+
+
+def test_merge_from_keeps_each_runs_machine(tmp_path):
+    """--merge-from: another file's cases and runs are added (same label: replaced), each run
+    keeps its machine, and the header names both machines."""
+    def case(model, state, fraction):
+        methods = [{"name": n, "grad_norm": 1.0, "fraction": fraction, "cos_hvp": 0.5, "forward_equivalents": 4.0,
+                    "seconds": 0.01} for n in ("random", "hvp", "reference")]
+        return {"model": model, "dataset": "digits", "state": state, "eps": 2.0, "results": {"fp32": {
+            "batch": 8, "eps": 2.0, "reference_iters": 2, "reference_starts": 3, "methods": methods}}}
+
+    top = {"torch": "t", "omp_threads": "1", "cpus": 2, "load_before": [1.0] * 3, "load_after": [1.0] * 3,
+           "seconds": 60.0}
+    old = {**top, "machine": "Old CPU", "date": "d1", "cases": [case("mlp", "init", 0.3), case("lenet", "init", 0.4)]}
+    new = {**top, "machine": "New CPU", "date": "d2", "cases": [case("lenet", "init", 0.5), case("conv-large", "init", 0.6)],
+           "runs": [{"date": "d2", "torch": "t", "omp_threads": "1", "cpus": 2, "load_before": [1.0] * 3,
+                     "load_after": [1.0] * 3, "seconds": 60.0, "argv": ["--init", "lenet:digits"],
+                     "cases": ["lenet/digits/init", "conv-large/digits/init"]}]}
+    target, source = tmp_path / "xmax-old.json", tmp_path / "xmax-new.json"
+    target.write_text(json.dumps(old))
+    source.write_text(json.dumps(new))
+    assert bench_xmax.main(["--results", str(target), "--merge-from", str(source)]) == 0
+    merged = json.loads(target.read_text())
+    assert [(c["model"], c["results"]["fp32"]["methods"][0]["fraction"]) for c in merged["cases"]] == [
+        ("mlp", 0.3), ("lenet", 0.5), ("conv-large", 0.6)]
+    assert [r["machine"] for r in merged["runs"]] == ["Old CPU", "New CPU"]
+    md = target.with_suffix(".md").read_text()
+    assert md.startswith("# x_max study on Old CPU and New CPU")
+    assert "* d1 on Old CPU" in md and "command not recorded" in md and "* d2 on New CPU" in md
