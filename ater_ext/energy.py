@@ -322,7 +322,7 @@ def x_max(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 2.0, xi: Optio
     ``benchmarks/results/xmax-<machine>.md`` measures it against a strong
     reference for every maximiser here (on twelve trained models, MLP, LeNet,
     conv-large and ResNet-18, the default one-step FD reaches 11-58 % of it, a
-    random point of the sphere 7-40 %, ``direction="hvp", steps=4`` 39-95 %).
+    random point of the sphere 7-40 %, ``direction="hvp", steps=4`` 37-95 %).
 
     Args:
         model: any ``nn.Module`` (a DDP wrapper is unwrapped) whose output holds the logits.
