@@ -232,14 +232,13 @@ def coverage(report: dict) -> str:
 
 def header(report: dict) -> List[str]:
     runs = runs_of(report)
-    common = (f"torch {report['torch']}, OMP_NUM_THREADS={report['omp_threads']}, on {report['cpus']} CPUs shared "
-              "with other jobs: wall times are noisy, counted costs are not")
+    shared = f"on {report['cpus']} CPUs shared with other jobs: wall times are noisy, counted costs are not"
     if len(runs) == 1:
         r = runs[0]
-        return [f"{r['date']}, {common}; load average {r['load_before']} before, {r.get('load_after')} after "
-                "(1, 5, 15 min).", ""]
+        return [f"{r['date']}, torch {r['torch']}, OMP_NUM_THREADS={r['omp_threads']}, {shared}; load average "
+                f"{r['load_before']} before, {r.get('load_after')} after (1, 5, 15 min).", ""]
     several = len(machines(report)) > 1
-    lines = [f"Measured in {len(runs)} runs ({common}" +
+    lines = [f"Measured in {len(runs)} runs (torch and threads per run below, {shared}" +
              ("; the ms column is the wall time on the machine of the case's run" if several else "") +
              "; load average before / after, 1, 5, 15 min):", ""]
     for r in runs:
