@@ -40,9 +40,11 @@ def _scaled_rows(v: torch.Tensor):
 def normalize(v: torch.Tensor) -> torch.Tensor:
     """v / ||v|| per row, in the accumulation dtype, shape [B, D]; zero rows stay 0."""
     scaled, _, s = _scaled_rows(v)
-    root = s.sqrt()
-    # Zero rows -> 0; NaN/Inf rows propagate NaN (root is NaN there).
-    return torch.where(root[:, None] == 0, 0.0, scaled / torch.where(root == 0, 1.0, root)[:, None])
+    # Zero rows -> 0; NaN/Inf rows propagate NaN (s is NaN there). The square root is taken of a
+    # safe s so that autograd through a zero row gives 0, not 0 * inf = NaN.
+    zero = s == 0
+    root = torch.where(zero, torch.ones_like(s), s).sqrt()
+    return torch.where(zero[:, None], 0.0, scaled / root[:, None])
 
 
 def row_norm(g: torch.Tensor) -> torch.Tensor:
@@ -82,9 +84,12 @@ def fd_direction(x: torch.Tensor, g0: torch.Tensor, g1: torch.Tensor, eps: float
 
 def fd_sphere_step(x: torch.Tensor, z: torch.Tensor, g0: torch.Tensor, g1: torch.Tensor, step: float,
                    eps: float) -> torch.Tensor:
-    """x + eps * normalize(z + step * normalize(g1 - g0) - x), every difference in the accumulation dtype."""
+    """x + eps * normalize(z + step * normalize(g1 - g0) - x), every difference in the accumulation dtype.
+
+    Unlike the other steps nothing is a constant: plain autograd gives the true derivative in all
+    four tensors, as the op's backward (a zero row's normalisation contributes nothing)."""
     moved = _rows(z) + step * normalize(_rows(g1) - _rows(g0)) - _rows(x)
-    return _step(x, normalize(moved), eps)
+    return (_rows(x) + eps * normalize(moved)).to(x.dtype).reshape(x.shape)
 
 
 # =============================================================================

@@ -126,6 +126,11 @@ def test_gradient_equals_autograd_of_the_plain_formula(device):
     for a, b, name in zip(got[:2], want[:2], ("x", "z")):
         torch.testing.assert_close(a[3], b[3], rtol=1e-10, atol=1e-12, msg=f"{name} zero-difference row")
     assert torch.equal(got[2][3], torch.zeros_like(got[2][3])) and torch.equal(got[3][3], torch.zeros_like(got[3][3]))
+    # and the pure-PyTorch twin (scale-safe normalisation, zero rows as the op's), every row
+    twin = [t.clone().requires_grad_() for t in (x, z, g0, g1)]
+    want_twin = torch.autograd.grad((reference.fd_sphere_step(*twin, 1.5, 2.0) * w).sum(), twin)
+    for a, b, name in zip(got, want_twin, ("x", "z", "g0", "g1")):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"{name} vs reference")
 
 
 @pytest.mark.parametrize("device", DEVICES)
